@@ -503,6 +503,15 @@ impl Log {
         Ok(then(&appended))
     }
 
+    /// Run `f` while holding the log's order lock: no record is appended
+    /// meanwhile. For callers whose own state must change atomically with
+    /// respect to appends (a mirror resync switching sessions). `f` must be
+    /// short and must not call back into the log.
+    pub fn with_order_lock<R>(&self, f: impl FnOnce() -> R) -> R {
+        let _state = self.state.lock();
+        f()
+    }
+
     /// Close the filling half and continue in the other one (for a timed
     /// consistency point). Returns the closed half, or `None` when there is
     /// nothing to close (the half is empty) or no room to switch (the other

@@ -1,0 +1,43 @@
+//! The interconnect: the layer between an nvmirror storage node and the
+//! transport that mirrors its NVLog records into the partner's NVRAM.
+//!
+//! It knows nothing of volumes or of the log format: it moves byte ranges
+//! of the local log to the same (or given) offsets of the partner's mirror,
+//! in order, and says when they are placed.
+//!
+//! - [`SendQueue`] / [`Reservation`] (`queue.rs`): fixed slots, reserved in
+//!   a write's suspendable phase, consumed by never-blocking posts in its
+//!   modify phase, freed by completions; group completion via
+//!   [`SendQueue::wait_placed`].
+//! - [`Transport`] (`transport.rs`): one-sided writes with in-order,
+//!   cumulative completions, plus control messages; shaped after RDMA
+//!   verbs.
+//! - [`tcp`]: the TCP transport ([`tcp::TcpSender`] dials,
+//!   [`tcp::MirrorReceiver`] accepts and applies), framed, checksummed,
+//!   authenticated ([`auth`]).
+//! - [`inproc`]: an in-process transport with delay/drop/cut knobs.
+//! - [`control`]: typed control messages, events, the failure detector.
+//! - [`SharedMemory`] (`memory.rs`): the local log and mirror memory, owned
+//!   by the node; all of the crate's `unsafe` is there.
+//!
+//! The loom model of the slot accounting runs with
+//! `RUSTFLAGS="--cfg loom" CARGO_TARGET_DIR=target/loom cargo test -p interconnect --release --lib loom`.
+
+pub mod auth;
+pub mod control;
+mod error;
+pub mod inproc;
+mod memory;
+pub mod queue;
+mod sync;
+pub mod tcp;
+pub mod transport;
+
+pub use auth::PresharedKey;
+pub use control::{decode_control, ControlEvent, ControlMessage, Direction, FailureDetector};
+pub use error::{Error, RefuseReason};
+pub use memory::SharedMemory;
+pub use queue::{Completions, MirrorWrite, Reservation, SendQueue, WriteId};
+pub use tcp::wire::decode_frame;
+pub use tcp::{MirrorReceiver, ReceiverStats, TcpConfig, TcpSender};
+pub use transport::{Transport, TransportLimits, WorkRequest};

@@ -1,0 +1,79 @@
+//! The `Transport` trait: one-sided writes into the partner's mirror, in
+//! order, with cumulative completions; plus a small control channel.
+//!
+//! The shape follows RDMA verbs so that an RDMA transport implements it
+//! unchanged: a `WorkRequest` is one RDMA WRITE (local memory region +
+//! offset, remote address + offset, length), `max_in_flight` is the QP's
+//! send depth bounded by its CQ, and completions arrive in order on the
+//! transport's own thread (a CQ poller), which calls into the queue's
+//! `Completions`.
+
+use std::fmt;
+
+use crate::control::ControlMessage;
+use crate::queue::{Completions, WriteId};
+use crate::Error;
+
+/// One write in flight: copy `len_bytes` at `src_offset` of the local log
+/// to `dst_offset` of the partner's mirror. Occupies one send-queue slot
+/// from post to completion.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct WorkRequest {
+    /// Dense, in post order; completions name it.
+    pub id: WriteId,
+    /// Offset of the source bytes in the local log memory.
+    pub src_offset: u64,
+    /// Offset of the destination in the partner's mirror.
+    pub dst_offset: u64,
+    /// Bytes to copy; at most the transport's `max_write_len_bytes`.
+    pub len_bytes: u32,
+}
+
+/// What a transport can carry, reported to the send queue.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TransportLimits {
+    /// Work requests that may be in flight at once: the send depth, never
+    /// more than the completion queue holds.
+    pub max_in_flight: usize,
+    /// Largest single work request; larger posts are split.
+    pub max_write_len_bytes: u32,
+    /// Length of the local log memory the source offsets refer to.
+    pub local_len_bytes: u64,
+    /// Length of the partner's mirror the destination offsets refer to.
+    pub remote_len_bytes: u64,
+}
+
+/// A connection to the partner that places bytes in its mirror.
+///
+/// Contract, relied on by [`SendQueue`](crate::SendQueue):
+/// - `post_write` never blocks and never fails: if the connection is down
+///   the request is dropped, and the failure is (or was) reported through
+///   `Completions::failed`.
+/// - Writes are placed in post order; the transport reports, in order and
+///   cumulatively, "every write up to id N is placed" through
+///   `Completions::placed_through`, never naming an id it was not given.
+/// - On failure it calls `Completions::failed` once; the queue then
+///   reclaims every slot in flight and errors every waiter.
+/// - A transport is one session: a reconnect is a new transport value.
+pub trait Transport: Send + Sync + fmt::Debug {
+    /// The limits the send queue must respect.
+    fn limits(&self) -> TransportLimits;
+
+    /// The session this connection belongs to.
+    fn session(&self) -> u64;
+
+    /// Gives the transport the queue's completion handle; called once,
+    /// before the first post. A transport that already failed reports it at
+    /// once.
+    fn attach(&self, completions: Completions);
+
+    /// Starts one write. Never blocks.
+    fn post_write(&self, request: WorkRequest);
+
+    /// Sends a control message to the partner, in order with the writes
+    /// posted before it.
+    fn send_control(&self, message: &ControlMessage) -> Result<(), Error>;
+
+    /// Closes the connection and drops the completion handle. Idempotent.
+    fn close(&self);
+}

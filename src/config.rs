@@ -1,0 +1,510 @@
+//! The node's TOML configuration, checked as a whole before anything starts.
+//!
+//! ```toml
+//! node_id = 1                         # 1 or 2; the partner has the other
+//! data_dir = "/var/lib/nvmirror"      # holds the NVRAM file `nvram`
+//! aggregate_dir = "/shared/nvmirror"  # volume files and mailboxes, reachable by both nodes
+//! durability = "mirror"               # or "persist": also wait for local persistence
+//! log_level = "info"                  # RUST_LOG overrides
+//!
+//! [nvram]
+//! half_size = "32MiB"                 # each of the log's two halves
+//!
+//! [nbd]
+//! listen = "0.0.0.0:10809"
+//!
+//! [[volume]]
+//! name = "db"
+//! size = "10GiB"
+//!
+//! [interconnect]
+//! transport = "tcp"                   # or "rdma"
+//! listen = "10.0.0.1:7100"            # the partner mirrors into us here
+//! partner = "10.0.0.2:7100"           # we mirror into the partner here
+//! key = "a long random secret"        # or key_file = "/etc/nvmirror/key"
+//! slots = 64
+//! heartbeat_interval_ms = 100
+//! heartbeat_timeout_ms = 2000
+//!
+//! [checkpoint]
+//! interval_ms = 5000
+//! threshold_percent = 50
+//! ```
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+/// A configuration problem, naming the field.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read the config file {path}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("config file {path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("config field `{field}`: {reason}")]
+    Invalid { field: String, reason: String },
+}
+
+fn invalid(field: impl Into<String>, reason: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        field: field.into(),
+        reason: reason.into(),
+    }
+}
+
+/// A byte size written as a number of bytes or a string such as "64MiB".
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(try_from = "SizeRepr")]
+pub struct ByteSize(pub u64);
+
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum SizeRepr {
+    Bytes(u64),
+    Text(String),
+}
+
+impl TryFrom<SizeRepr> for ByteSize {
+    type Error = String;
+
+    fn try_from(repr: SizeRepr) -> Result<ByteSize, String> {
+        match repr {
+            SizeRepr::Bytes(bytes) => Ok(ByteSize(bytes)),
+            SizeRepr::Text(text) => parse_size(&text).map(ByteSize),
+        }
+    }
+}
+
+/// "4096", "64KiB", "32MiB", "10GiB", "1TiB" (binary units; K/M/G/T too).
+pub fn parse_size(text: &str) -> Result<u64, String> {
+    let text = text.trim();
+    let split = text
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(text.len());
+    let (digits, unit) = text.split_at(split);
+    let number: u64 = digits
+        .parse()
+        .map_err(|_| format!("`{text}` is not a size (examples: 4096, 64KiB, 32MiB, 10GiB)"))?;
+    let shift = match unit.trim() {
+        "" | "B" => 0,
+        "K" | "KiB" => 10,
+        "M" | "MiB" => 20,
+        "G" | "GiB" => 30,
+        "T" | "TiB" => 40,
+        other => {
+            return Err(format!(
+                "unknown size unit `{other}` in `{text}` (use KiB, MiB, GiB or TiB)"
+            ))
+        }
+    };
+    number
+        .checked_mul(1u64 << shift)
+        .ok_or_else(|| format!("`{text}` is too large"))
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Durability {
+    /// Acknowledge once the record is in local NVRAM and placed in the
+    /// partner's mirror (two failure domains).
+    Mirror,
+    /// Also wait until the record is persisted locally.
+    Persist,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TransportKind {
+    Tcp,
+    Rdma,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    pub node_id: u32,
+    pub data_dir: PathBuf,
+    pub aggregate_dir: PathBuf,
+    #[serde(default = "default_durability")]
+    pub durability: Durability,
+    #[serde(default)]
+    pub log_level: Option<String>,
+    #[serde(default)]
+    pub nvram: NvramConfig,
+    pub nbd: NbdConfig,
+    #[serde(rename = "volume", default)]
+    pub volumes: Vec<VolumeConfig>,
+    pub interconnect: InterconnectConfig,
+    #[serde(default)]
+    pub checkpoint: CheckpointConfig,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NvramConfig {
+    #[serde(default = "default_half_size")]
+    pub half_size: ByteSize,
+}
+
+impl Default for NvramConfig {
+    fn default() -> Self {
+        NvramConfig {
+            half_size: default_half_size(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NbdConfig {
+    pub listen: SocketAddr,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VolumeConfig {
+    pub name: String,
+    pub size: ByteSize,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct InterconnectConfig {
+    #[serde(default = "default_transport")]
+    pub transport: TransportKind,
+    pub listen: SocketAddr,
+    pub partner: SocketAddr,
+    #[serde(default)]
+    pub key: Option<String>,
+    #[serde(default)]
+    pub key_file: Option<PathBuf>,
+    #[serde(default = "default_slots")]
+    pub slots: usize,
+    #[serde(default = "default_heartbeat_interval_ms")]
+    pub heartbeat_interval_ms: u64,
+    #[serde(default = "default_heartbeat_timeout_ms")]
+    pub heartbeat_timeout_ms: u64,
+    /// RDMA device name; found from the listen address when absent.
+    #[serde(default)]
+    pub device: Option<String>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CheckpointConfig {
+    #[serde(default = "default_cp_interval_ms")]
+    pub interval_ms: u64,
+    #[serde(default = "default_cp_threshold_percent")]
+    pub threshold_percent: u8,
+}
+
+impl Default for CheckpointConfig {
+    fn default() -> Self {
+        CheckpointConfig {
+            interval_ms: default_cp_interval_ms(),
+            threshold_percent: default_cp_threshold_percent(),
+        }
+    }
+}
+
+fn default_durability() -> Durability {
+    Durability::Mirror
+}
+fn default_half_size() -> ByteSize {
+    ByteSize(32 << 20)
+}
+fn default_transport() -> TransportKind {
+    TransportKind::Tcp
+}
+fn default_slots() -> usize {
+    64
+}
+fn default_heartbeat_interval_ms() -> u64 {
+    100
+}
+fn default_heartbeat_timeout_ms() -> u64 {
+    2000
+}
+fn default_cp_interval_ms() -> u64 {
+    5000
+}
+fn default_cp_threshold_percent() -> u8 {
+    50
+}
+
+/// Volume names become file names and NBD export names.
+const VOLUME_NAME_MAX: usize = 64;
+/// The largest pre-shared key accepted from a file (it is a secret, not data).
+const KEY_FILE_MAX_BYTES: u64 = 4096;
+
+impl Config {
+    /// Read, parse and check the file at `path`.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        let config = Config::parse(&text).map_err(|error| match error {
+            ConfigError::Parse { message, .. } => ConfigError::Parse {
+                path: path.to_owned(),
+                message,
+            },
+            other => other,
+        })?;
+        Ok(config)
+    }
+
+    /// Parse and check TOML text.
+    pub fn parse(text: &str) -> Result<Config, ConfigError> {
+        let config: Config = toml::from_str(text).map_err(|error| ConfigError::Parse {
+            path: PathBuf::from("<text>"),
+            message: error.to_string(),
+        })?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        if !(1..=2).contains(&self.node_id) {
+            return Err(invalid(
+                "node_id",
+                "must be 1 or 2 (the two nodes of the pair)",
+            ));
+        }
+        nvlog::Geometry::new(self.nvram.half_size.0)
+            .map_err(|error| invalid("nvram.half_size", error.to_string()))?;
+        if self.volumes.is_empty() {
+            return Err(invalid(
+                "volume",
+                "configure at least one [[volume]] with a name and a size",
+            ));
+        }
+        let mut names = std::collections::HashSet::new();
+        for (index, volume) in self.volumes.iter().enumerate() {
+            let field = format!("volume[{index}].name");
+            let name = &volume.name;
+            if name.is_empty() || name.len() > VOLUME_NAME_MAX {
+                return Err(invalid(
+                    field,
+                    format!("must be 1 to {VOLUME_NAME_MAX} characters"),
+                ));
+            }
+            if !name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+                || name.starts_with('-')
+            {
+                return Err(invalid(
+                    field,
+                    format!("`{name}` may hold only letters, digits, `-` and `_`"),
+                ));
+            }
+            if !names.insert(name) {
+                return Err(invalid(field, format!("`{name}` is configured twice")));
+            }
+            let size = volume.size.0;
+            if size == 0 || size % 512 != 0 {
+                return Err(invalid(
+                    format!("volume[{index}].size"),
+                    format!("{size} bytes is not a positive multiple of 512"),
+                ));
+            }
+        }
+        let ic = &self.interconnect;
+        if ic.slots == 0 || ic.slots > 4096 {
+            return Err(invalid("interconnect.slots", "must be between 1 and 4096"));
+        }
+        if ic.heartbeat_interval_ms == 0 {
+            return Err(invalid(
+                "interconnect.heartbeat_interval_ms",
+                "must be positive",
+            ));
+        }
+        if ic.heartbeat_timeout_ms <= ic.heartbeat_interval_ms {
+            return Err(invalid(
+                "interconnect.heartbeat_timeout_ms",
+                format!(
+                    "must exceed heartbeat_interval_ms ({})",
+                    ic.heartbeat_interval_ms
+                ),
+            ));
+        }
+        if ic.listen == ic.partner {
+            return Err(invalid(
+                "interconnect.partner",
+                "is the same address as interconnect.listen",
+            ));
+        }
+        match (&ic.key, &ic.key_file) {
+            (Some(_), Some(_)) => return Err(invalid("interconnect.key", "set either key or key_file, not both")),
+            (None, None) => {
+                return Err(invalid(
+                    "interconnect.key",
+                    "a pre-shared key is required (key = \"…\" or key_file = \"path\"), the same on both nodes",
+                ))
+            }
+            _ => {}
+        }
+        if self.checkpoint.interval_ms == 0 {
+            return Err(invalid("checkpoint.interval_ms", "must be positive"));
+        }
+        if !(1..=100).contains(&self.checkpoint.threshold_percent) {
+            return Err(invalid(
+                "checkpoint.threshold_percent",
+                "must be between 1 and 100",
+            ));
+        }
+        Ok(())
+    }
+
+    /// The pre-shared key, from the config or its file.
+    pub fn key_bytes(&self) -> Result<Vec<u8>, ConfigError> {
+        let ic = &self.interconnect;
+        if let Some(key) = &ic.key {
+            return Ok(key.as_bytes().to_vec());
+        }
+        let path = ic.key_file.as_ref().expect("validated: key or key_file");
+        let metadata = std::fs::metadata(path).map_err(|error| {
+            invalid(
+                "interconnect.key_file",
+                format!("{}: {error}", path.display()),
+            )
+        })?;
+        if metadata.len() > KEY_FILE_MAX_BYTES {
+            return Err(invalid(
+                "interconnect.key_file",
+                format!(
+                    "{} is larger than {KEY_FILE_MAX_BYTES} bytes",
+                    path.display()
+                ),
+            ));
+        }
+        let bytes = std::fs::read(path).map_err(|error| {
+            invalid(
+                "interconnect.key_file",
+                format!("{}: {error}", path.display()),
+            )
+        })?;
+        let trimmed = bytes.trim_ascii_end();
+        Ok(trimmed.to_vec())
+    }
+
+    /// The NVRAM file.
+    pub fn nvram_path(&self) -> PathBuf {
+        self.data_dir.join("nvram")
+    }
+
+    /// The partner's node id.
+    pub fn partner_id(&self) -> u32 {
+        3 - self.node_id
+    }
+
+    pub fn volume_size(&self, index: usize) -> u64 {
+        self.volumes[index].size.0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+node_id = 1
+data_dir = "/tmp/a"
+aggregate_dir = "/tmp/agg"
+[nbd]
+listen = "127.0.0.1:10809"
+[[volume]]
+name = "vol0"
+size = "64MiB"
+[interconnect]
+listen = "127.0.0.1:7001"
+partner = "127.0.0.1:7002"
+key = "secret"
+"#;
+
+    #[test]
+    fn a_good_config_parses_with_defaults() {
+        let config = Config::parse(GOOD).expect("valid");
+        assert_eq!(config.volumes[0].size, ByteSize(64 << 20));
+        assert_eq!(config.durability, Durability::Mirror);
+        assert_eq!(config.interconnect.slots, 64);
+        assert_eq!(config.nvram.half_size, ByteSize(32 << 20));
+        assert_eq!(config.partner_id(), 2);
+        assert_eq!(config.key_bytes().expect("key"), b"secret");
+    }
+
+    fn error_for(text: &str) -> String {
+        Config::parse(text).expect_err("invalid config").to_string()
+    }
+
+    #[test]
+    fn each_bad_field_is_named() {
+        let cases = [
+            (GOOD.replace("node_id = 1", "node_id = 3"), "node_id"),
+            (
+                GOOD.replace("\"64MiB\"", "\"64 parsecs\""),
+                "unknown size unit",
+            ),
+            (GOOD.replace("\"64MiB\"", "1000"), "volume[0].size"),
+            (
+                GOOD.replace("name = \"vol0\"", "name = \"../etc\""),
+                "volume[0].name",
+            ),
+            (GOOD.replace("key = \"secret\"", ""), "interconnect.key"),
+            (
+                GOOD.replace("127.0.0.1:7002", "127.0.0.1:7001"),
+                "interconnect.partner",
+            ),
+            (
+                GOOD.replace(
+                    "listen = \"127.0.0.1:10809\"",
+                    "listen = \"not an address\"",
+                ),
+                "listen",
+            ),
+            (
+                GOOD.replace("node_id = 1", "node_id = 1\nnode_idd = 2"),
+                "node_idd",
+            ),
+            (
+                format!("{GOOD}\n[checkpoint]\nthreshold_percent = 0\n"),
+                "checkpoint.threshold_percent",
+            ),
+            (
+                format!("{GOOD}\n[nvram]\nhalf_size = \"1000\"\n"),
+                "nvram.half_size",
+            ),
+            (
+                GOOD.replace("[[volume]]\nname = \"vol0\"\nsize = \"64MiB\"", ""),
+                "volume",
+            ),
+            (
+                format!("{GOOD}\n[[volume]]\nname = \"vol0\"\nsize = 4096\n"),
+                "configured twice",
+            ),
+        ];
+        for (text, expected) in cases {
+            let message = error_for(&text);
+            assert!(
+                message.contains(expected),
+                "expected `{expected}` in: {message}"
+            );
+        }
+    }
+
+    #[test]
+    fn sizes_parse() {
+        assert_eq!(parse_size("4096"), Ok(4096));
+        assert_eq!(parse_size("64KiB"), Ok(64 << 10));
+        assert_eq!(parse_size("2G"), Ok(2 << 30));
+        assert!(parse_size("MiB").is_err());
+        assert!(parse_size("99999999999TiB").is_err());
+    }
+}

@@ -1,0 +1,338 @@
+//! Mirroring this node's log into the partner's NVRAM, and knowing when the
+//! partner's mirror can be trusted.
+//!
+//! The link is Down, Resyncing or InSync. Only InSync lets a write be
+//! acknowledged on "placed in the partner's mirror"; otherwise the write
+//! waits for local persistence, and before the first such acknowledgement
+//! the mailbox durably says "out of sync".
+//!
+//! A resync copies the whole log area (header block and both halves) to
+//! the partner over a fresh session, while new appends are posted to that
+//! session as usual. It declares InSync only when the copy and everything
+//! posted before it are placed and the link is still Resyncing — checked,
+//! and the mailbox updated, under the log's order lock, so no append can
+//! slip between the check and the declaration. An append that finds the
+//! link up but holds no reservation (it reserved while the link was down)
+//! cannot be mirrored: it takes the link down at once, under the same lock,
+//! so no later write is acknowledged on a mirror with a hole in it.
+
+use std::net::SocketAddr;
+use std::ops::Range;
+use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use crossbeam_channel::Sender;
+use interconnect::{
+    ControlEvent, MirrorWrite, Reservation, SendQueue, SharedMemory, TcpConfig, TcpSender, WriteId,
+};
+use parking_lot::{Condvar, Mutex};
+
+use crate::error::Result;
+use crate::mailbox::{now_unix_ms, Mailbox, MailboxState, MAILBOX_FORMAT_VERSION};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum Link {
+    Down = 0,
+    Resyncing = 1,
+    InSync = 2,
+}
+
+impl Link {
+    fn from_u8(value: u8) -> Link {
+        match value {
+            0 => Link::Down,
+            1 => Link::Resyncing,
+            _ => Link::InSync,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Link::Down => "down",
+            Link::Resyncing => "resyncing",
+            Link::InSync => "in sync",
+        }
+    }
+}
+
+/// How long a resync may take before it is abandoned and retried.
+const RESYNC_TIMEOUT: Duration = Duration::from_secs(60);
+/// Header posts from a consistency point wait at most this long for a slot.
+const HEADER_POST_TIMEOUT: Duration = Duration::from_secs(5);
+
+#[derive(Debug)]
+pub struct Mirror {
+    node_id: u32,
+    partner: SocketAddr,
+    tcp: TcpConfig,
+    slots: usize,
+    local_log: SharedMemory,
+    log_len_bytes: u64,
+    events: Sender<ControlEvent>,
+    queue: Mutex<Option<Arc<SendQueue>>>,
+    /// A `Link`, changed to InSync or Resyncing only under the log's order lock.
+    link: AtomicU8,
+    mailbox: Mailbox,
+    /// The mailbox durably says "out of sync".
+    marked_out_of_sync: AtomicBool,
+    mailbox_lock: Mutex<()>,
+    /// Wakes the connector when the link goes down or the node stops.
+    wake: (Mutex<bool>, Condvar),
+}
+
+impl Mirror {
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        node_id: u32,
+        partner: SocketAddr,
+        tcp: TcpConfig,
+        slots: usize,
+        local_log: SharedMemory,
+        mailbox: Mailbox,
+        events: Sender<ControlEvent>,
+    ) -> Mirror {
+        let log_len_bytes = local_log.len() as u64;
+        Mirror {
+            node_id,
+            partner,
+            tcp,
+            slots,
+            local_log,
+            log_len_bytes,
+            events,
+            queue: Mutex::new(None),
+            link: AtomicU8::new(Link::Down as u8),
+            mailbox,
+            marked_out_of_sync: AtomicBool::new(false),
+            mailbox_lock: Mutex::new(()),
+            wake: (Mutex::new(false), Condvar::new()),
+        }
+    }
+
+    pub fn link(&self) -> Link {
+        Link::from_u8(self.link.load(Ordering::Acquire))
+    }
+
+    pub fn mailbox(&self) -> &Mailbox {
+        &self.mailbox
+    }
+
+    fn queue(&self) -> Option<Arc<SendQueue>> {
+        self.queue.lock().clone()
+    }
+
+    /// Suspendable phase: slots for a record of `record_bytes` plus a header
+    /// update. `None` when the link is down: the write will not be mirrored.
+    pub fn reserve(&self, record_bytes: u64) -> Option<Reservation> {
+        if self.link() == Link::Down {
+            return None;
+        }
+        let queue = self.queue()?;
+        let slots = queue.slots_for(record_bytes) + 1;
+        queue.reserve(slots).ok()
+    }
+
+    /// Modify phase, under the log's order lock: post `header` (if any) and
+    /// `record` with the reservation. Never blocks.
+    pub fn post(
+        &self,
+        reservation: Option<&mut Reservation>,
+        header: Option<Range<u64>>,
+        record: Range<u64>,
+    ) -> Option<WriteId> {
+        let Some(reservation) = reservation else {
+            if self.link() != Link::Down {
+                self.link_down(
+                    "an append could not be mirrored (it reserved while the link was down)",
+                );
+            }
+            return None;
+        };
+        if let Some(header) = header {
+            reservation.post(write_of(header));
+        }
+        Some(reservation.post(write_of(record)))
+    }
+
+    /// Wait phase: whether the write posted as `id` may be acknowledged on
+    /// the strength of the mirror alone.
+    pub fn placed_in_sync(&self, id: Option<WriteId>) -> bool {
+        let (Some(id), Some(queue)) = (id, self.queue()) else {
+            return false;
+        };
+        queue.wait_placed(id).is_ok() && self.link() == Link::InSync
+    }
+
+    /// Make sure the mailbox durably says "out of sync" before a write the
+    /// mirror may lack is acknowledged.
+    pub fn mark_out_of_sync(&self, reason: &str) -> Result<()> {
+        if self.marked_out_of_sync.load(Ordering::Acquire) {
+            return Ok(());
+        }
+        let _mailbox = self.mailbox_lock.lock();
+        if self.marked_out_of_sync.load(Ordering::Acquire) {
+            return Ok(());
+        }
+        self.mailbox.write(&MailboxState {
+            format_version: MAILBOX_FORMAT_VERSION,
+            node_id: self.node_id,
+            mirror_in_sync: false,
+            out_of_sync_reason: Some(reason.to_owned()),
+            updated_unix_ms: now_unix_ms(),
+        })?;
+        self.marked_out_of_sync.store(true, Ordering::Release);
+        tracing::warn!(reason, mailbox = %self.mailbox.path().display(), "mirror marked out of sync");
+        Ok(())
+    }
+
+    /// Post a header update from a consistency point (ordering with records
+    /// does not matter: header slots carry a sequence number).
+    pub fn post_header(&self, range: Range<u64>) {
+        if self.link() == Link::Down {
+            return;
+        }
+        let Some(queue) = self.queue() else { return };
+        if let Ok(mut reservation) = queue.reserve_timeout(
+            queue.slots_for(range.end - range.start),
+            HEADER_POST_TIMEOUT,
+        ) {
+            reservation.post(write_of(range));
+        }
+    }
+
+    /// Wait until everything posted so far is placed (or the link failed):
+    /// after this, no transport still reads bytes posted before.
+    pub fn wait_all_placed(&self) {
+        if let Some(queue) = self.queue() {
+            let _ = queue.wait_placed_timeout(queue.posted(), RESYNC_TIMEOUT);
+        }
+    }
+
+    /// The link failed (an event, or an error seen by a writer).
+    pub fn link_down(&self, why: &str) {
+        let previous = Link::from_u8(self.link.swap(Link::Down as u8, Ordering::AcqRel));
+        if previous != Link::Down {
+            tracing::warn!(partner = %self.partner, why, "mirror link down");
+        }
+        let (flag, condvar) = &self.wake;
+        *flag.lock() = true;
+        condvar.notify_all();
+    }
+
+    /// Stop the connector and close the session.
+    pub fn stop(&self) {
+        self.link.store(Link::Down as u8, Ordering::Release);
+        let (flag, condvar) = &self.wake;
+        *flag.lock() = true;
+        condvar.notify_all();
+    }
+
+    /// Slots in use, for metrics.
+    pub fn slots_in_use(&self) -> usize {
+        self.queue().map(|queue| queue.in_flight()).unwrap_or(0)
+    }
+
+    /// The connector: while the node runs, keep a session to the partner
+    /// and bring its mirror in sync after every (re)connect.
+    pub fn run_connector(&self, log: &nvlog::Log, stopping: &AtomicBool) {
+        let mut backoff = Duration::from_millis(100);
+        while !stopping.load(Ordering::Acquire) {
+            if self.link() == Link::Down {
+                match self.connect_and_resync(log) {
+                    Ok(()) => backoff = Duration::from_millis(100),
+                    Err(error) => {
+                        tracing::debug!(partner = %self.partner, %error, "cannot mirror to the partner yet");
+                        self.link_down("connect or resync failed");
+                        backoff = (backoff * 2).min(Duration::from_secs(1));
+                    }
+                }
+            }
+            let (flag, condvar) = &self.wake;
+            let mut woken = flag.lock();
+            if !*woken {
+                let wait = if self.link() == Link::Down {
+                    backoff
+                } else {
+                    Duration::from_millis(500)
+                };
+                condvar.wait_for(&mut woken, wait);
+            }
+            *woken = false;
+        }
+        if let Some(queue) = self.queue.lock().take() {
+            drop(queue);
+        }
+    }
+
+    fn connect_and_resync(&self, log: &nvlog::Log) -> Result<()> {
+        let span = tracing::info_span!("resync", partner = %self.partner);
+        let _entered = span.enter();
+        let sender = TcpSender::connect(
+            self.partner,
+            &self.tcp,
+            self.local_log.clone(),
+            Some(self.events.clone()),
+        )?;
+        let queue = {
+            let mut current = self.queue.lock();
+            match current.as_ref() {
+                Some(queue) => {
+                    queue.reconnect(sender)?;
+                    queue.clone()
+                }
+                None => {
+                    let queue = Arc::new(SendQueue::new(sender, self.slots)?);
+                    *current = Some(queue.clone());
+                    queue
+                }
+            }
+        };
+        log.with_order_lock(|| self.link.store(Link::Resyncing as u8, Ordering::Release));
+        let chunk = u64::from(queue.limits().max_write_len_bytes);
+        let mut offset = 0;
+        while offset < self.log_len_bytes {
+            let len = chunk.min(self.log_len_bytes - offset);
+            let mut reservation = queue.reserve_timeout(1, RESYNC_TIMEOUT)?;
+            reservation.post(write_of(offset..offset + len));
+            offset += len;
+        }
+        queue.wait_placed_timeout(queue.posted(), RESYNC_TIMEOUT)?;
+        let declared = log.with_order_lock(|| -> Result<bool> {
+            if self.link() != Link::Resyncing {
+                return Ok(false);
+            }
+            let _mailbox = self.mailbox_lock.lock();
+            self.mailbox.write(&MailboxState {
+                format_version: MAILBOX_FORMAT_VERSION,
+                node_id: self.node_id,
+                mirror_in_sync: true,
+                out_of_sync_reason: None,
+                updated_unix_ms: now_unix_ms(),
+            })?;
+            self.marked_out_of_sync.store(false, Ordering::Release);
+            self.link.store(Link::InSync as u8, Ordering::Release);
+            Ok(true)
+        })?;
+        if !declared {
+            return Err(crate::error::Error::Failed {
+                reason: "the link went down during the resync".into(),
+            });
+        }
+        tracing::info!(
+            log_bytes = self.log_len_bytes,
+            session = queue.session(),
+            "mirror in sync"
+        );
+        Ok(())
+    }
+}
+
+fn write_of(range: Range<u64>) -> MirrorWrite {
+    MirrorWrite {
+        src_offset: range.start,
+        dst_offset: range.start,
+        len_bytes: range.end - range.start,
+    }
+}

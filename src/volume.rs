@@ -1,0 +1,139 @@
+//! A volume's backing file in the aggregate directory, and its dirty map.
+
+use std::fs::{File, OpenOptions};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+
+use parking_lot::Mutex;
+
+use crate::error::{Error, Result};
+use crate::extents::ExtentMap;
+
+/// One volume: a sparse file of a fixed size, plus the extents of a log that
+/// are newer than the file.
+#[derive(Debug)]
+pub struct Volume {
+    /// Index in the owner's configuration: the volume id in log records.
+    pub id: u32,
+    pub name: String,
+    pub size_bytes: u64,
+    path: PathBuf,
+    file: File,
+    /// Data logged but not yet in the file. Lock order: the log's order lock,
+    /// then this.
+    pub extents: Mutex<ExtentMap>,
+}
+
+impl Volume {
+    /// Open (creating if missing) the backing file of a volume and make sure
+    /// it has `size_bytes`. A file that exists with another size is refused:
+    /// resizing a volume is an explicit operation, never a side effect.
+    pub fn open(dir: &Path, id: u32, name: &str, size_bytes: u64) -> Result<Volume> {
+        std::fs::create_dir_all(dir).map_err(|source| Error::Io {
+            what: "creating the volume directory",
+            path: dir.to_owned(),
+            source,
+        })?;
+        let path = dir.join(format!("{name}.vol"));
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&path)
+            .map_err(|source| Error::Io {
+                what: "opening a volume file",
+                path: path.clone(),
+                source,
+            })?;
+        let actual = file
+            .metadata()
+            .map_err(|source| Error::Io {
+                what: "reading a volume file's size",
+                path: path.clone(),
+                source,
+            })?
+            .len();
+        if actual == 0 {
+            file.set_len(size_bytes).map_err(|source| Error::Io {
+                what: "sizing a new volume file",
+                path: path.clone(),
+                source,
+            })?;
+        } else if actual != size_bytes {
+            return Err(Error::VolumeSizeMismatch {
+                path,
+                configured_bytes: size_bytes,
+                actual_bytes: actual,
+            });
+        }
+        Ok(Volume {
+            id,
+            name: name.to_owned(),
+            size_bytes,
+            path,
+            file,
+            extents: Mutex::new(ExtentMap::new()),
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    pub fn read_file(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
+        self.file
+            .read_exact_at(buf, offset)
+            .map_err(|source| Error::Io {
+                what: "reading a volume file",
+                path: self.path.clone(),
+                source,
+            })
+    }
+
+    pub fn write_file(&self, offset: u64, data: &[u8]) -> Result<()> {
+        self.file
+            .write_all_at(data, offset)
+            .map_err(|source| Error::Io {
+                what: "writing a volume file",
+                path: self.path.clone(),
+                source,
+            })
+    }
+
+    /// Make the range read back as zeros, deallocating it where the file
+    /// system can.
+    pub fn zero_file(&self, offset: u64, len: u64) -> Result<()> {
+        use nix::fcntl::{fallocate, FallocateFlags};
+        use std::os::fd::AsRawFd;
+        let punched = fallocate(
+            self.file.as_raw_fd(),
+            FallocateFlags::FALLOC_FL_PUNCH_HOLE | FallocateFlags::FALLOC_FL_KEEP_SIZE,
+            offset as i64,
+            len as i64,
+        );
+        if punched.is_ok() {
+            return Ok(());
+        }
+        // No hole punching here (e.g. tmpfs on old kernels): write zeros.
+        const CHUNK: usize = 1 << 20;
+        let zeros = vec![0u8; CHUNK.min(len as usize)];
+        let mut done = 0;
+        while done < len {
+            let n = (len - done).min(CHUNK as u64) as usize;
+            self.write_file(offset + done, &zeros[..n])?;
+            done += n as u64;
+        }
+        Ok(())
+    }
+
+    /// fdatasync: the file's data is on stable storage. A failure is final:
+    /// the kernel may have dropped the dirty pages, so it is never retried.
+    pub fn sync(&self) -> Result<()> {
+        self.file.sync_data().map_err(|source| Error::Io {
+            what: "syncing a volume file",
+            path: self.path.clone(),
+            source,
+        })
+    }
+}

@@ -1,0 +1,215 @@
+//! Two nodes in one process over real TCP on loopback, with real files:
+//! the write path, mirroring, out-of-sync marking, resync, recovery.
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use nvmirror::config::Config;
+use nvmirror::mailbox::Mailbox;
+use nvmirror::mirror::Link;
+use nvmirror::node::Node;
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .expect("bind")
+        .local_addr()
+        .expect("addr")
+        .port()
+}
+
+struct Ports {
+    ic: [u16; 2],
+    nbd: [u16; 2],
+}
+
+fn config(root: &Path, node_id: u32, ports: &Ports) -> Config {
+    let me = (node_id - 1) as usize;
+    let text = format!(
+        r#"
+node_id = {node_id}
+data_dir = "{root}/node{node_id}"
+aggregate_dir = "{root}/aggregate"
+[nvram]
+half_size = "256KiB"
+[nbd]
+listen = "127.0.0.1:{nbd}"
+[[volume]]
+name = "vol0"
+size = "4MiB"
+[[volume]]
+name = "vol1"
+size = "1MiB"
+[interconnect]
+listen = "127.0.0.1:{listen}"
+partner = "127.0.0.1:{partner}"
+key = "an inprocess test key of some length"
+heartbeat_interval_ms = 50
+heartbeat_timeout_ms = 1000
+[checkpoint]
+interval_ms = 200
+"#,
+        root = root.display(),
+        nbd = ports.nbd[me],
+        listen = ports.ic[me],
+        partner = ports.ic[1 - me],
+    );
+    Config::parse(&text).expect("valid config")
+}
+
+fn wait_for(what: &str, timeout: Duration, mut condition: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while !condition() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn pattern(seed: u64, len: usize) -> Vec<u8> {
+    (0..len)
+        .map(|i| (seed as usize * 31 + i * 7 % 253) as u8)
+        .collect()
+}
+
+#[test]
+fn pair_mirrors_marks_out_of_sync_and_resyncs() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let ports = Ports {
+        ic: [free_port(), free_port()],
+        nbd: [free_port(), free_port()],
+    };
+    let a = Node::start(config(dir.path(), 1, &ports)).expect("node 1");
+    let b = Node::start(config(dir.path(), 2, &ports)).expect("node 2");
+    let a_inner = a.inner().clone();
+    wait_for("node 1 in sync", Duration::from_secs(10), || {
+        a_inner.link() == Link::InSync
+    });
+    let mailbox = Mailbox::new(&dir.path().join("aggregate"), 1);
+    assert!(
+        mailbox
+            .read()
+            .expect("mailbox")
+            .expect("written")
+            .mirror_in_sync
+    );
+
+    // Writes of many sizes, some unaligned, across both volumes.
+    let mut expected = [vec![0u8; 4 << 20], vec![0u8; 1 << 20]];
+    for i in 0..200u64 {
+        let volume = (i % 2) as usize;
+        let len = [512usize, 4096, 777, 65536, 100_000][i as usize % 5];
+        let offset = (i * 7919 * 512) % (expected[volume].len() as u64 - len as u64);
+        let data = pattern(i, len);
+        a_inner
+            .write(volume, offset, &data, i % 10 == 0)
+            .expect("write");
+        expected[volume][offset as usize..offset as usize + len].copy_from_slice(&data);
+    }
+    a_inner
+        .write_zeroes(0, 4096, 8192, false, false)
+        .expect("zeroes");
+    expected[0][4096..4096 + 8192].fill(0);
+    a_inner
+        .write_zeroes(0, 65536, 4096, true, false)
+        .expect("trim");
+    expected[0][65536..65536 + 4096].fill(0);
+    for (volume, bytes) in expected.iter().enumerate() {
+        let mut read = vec![0u8; bytes.len()];
+        a_inner.read(volume, 0, &mut read).expect("read");
+        assert!(read == *bytes, "volume {volume} reads back differently");
+    }
+    assert!(
+        a_inner
+            .stats
+            .acks_mirrored
+            .load(std::sync::atomic::Ordering::Relaxed)
+            > 0
+    );
+
+    // The partner's mirror is byte-identical to the live log.
+    let local = a_inner.region.snapshot(a_inner.region.local_log());
+    let b_inner = b.inner().clone();
+    wait_for("mirror to match", Duration::from_secs(5), || {
+        a_inner.log.with_order_lock(|| {
+            b_inner.region.snapshot(b_inner.region.mirror())
+                == a_inner.region.snapshot(a_inner.region.local_log())
+        })
+    });
+    assert_eq!(local.len() as u64, a_inner.region.local_log().len);
+
+    // Partner down: writes still succeed and the mailbox says out of sync.
+    drop(b);
+    a_inner
+        .write(0, 0, &pattern(9999, 4096), false)
+        .expect("write with the partner down");
+    expected[0][..4096].copy_from_slice(&pattern(9999, 4096));
+    let state = mailbox.read().expect("mailbox").expect("written");
+    assert!(
+        !state.mirror_in_sync,
+        "out of sync after an unmirrored write"
+    );
+    assert!(state.out_of_sync_reason.is_some());
+
+    // Partner back: in sync again, and its mirror matches.
+    let b = Node::start(config(dir.path(), 2, &ports)).expect("node 2 again");
+    wait_for("node 1 in sync again", Duration::from_secs(10), || {
+        a_inner.link() == Link::InSync
+    });
+    assert!(
+        mailbox
+            .read()
+            .expect("mailbox")
+            .expect("written")
+            .mirror_in_sync
+    );
+    let b_inner = b.inner().clone();
+    a_inner
+        .write(1, 512, &pattern(7, 3000), false)
+        .expect("write");
+    expected[1][512..3512].copy_from_slice(&pattern(7, 3000));
+    wait_for(
+        "mirror to match after resync",
+        Duration::from_secs(5),
+        || {
+            a_inner.log.with_order_lock(|| {
+                b_inner.region.snapshot(b_inner.region.mirror())
+                    == a_inner.region.snapshot(a_inner.region.local_log())
+            })
+        },
+    );
+    a.shutdown().expect("clean shutdown");
+    drop(a);
+
+    // Restart node 1: everything reads back from the volume files.
+    let a = Node::start(config(dir.path(), 1, &ports)).expect("node 1 again");
+    for (volume, bytes) in expected.iter().enumerate() {
+        let mut read = vec![0u8; bytes.len()];
+        a.inner().read(volume, 0, &mut read).expect("read");
+        assert!(read == *bytes, "volume {volume} lost data across a restart");
+    }
+    b.shutdown().expect("shutdown");
+    a.shutdown().expect("shutdown");
+}
+
+#[test]
+fn out_of_range_and_bad_volume_sizes_are_refused() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let ports = Ports {
+        ic: [free_port(), free_port()],
+        nbd: [free_port(), free_port()],
+    };
+    let a = Node::start(config(dir.path(), 1, &ports)).expect("node 1");
+    let inner = a.inner().clone();
+    assert!(inner.write(1, (1 << 20) - 100, &[1; 200], false).is_err());
+    let mut buf = [0u8; 10];
+    assert!(inner.read(1, 1 << 20, &mut buf).is_err());
+    assert!(inner
+        .write_zeroes(0, u64::MAX - 5, 10, false, false)
+        .is_err());
+    a.shutdown().expect("shutdown");
+    drop(a);
+    // A volume file whose size disagrees with the config is refused.
+    let mut bigger = config(dir.path(), 1, &ports);
+    bigger.volumes[1].size = nvmirror::config::ByteSize(2 << 20);
+    let error = Node::start(bigger).expect_err("size mismatch");
+    assert!(error.to_string().contains("configured with"), "{error}");
+}
