@@ -351,6 +351,14 @@ impl Config {
             }
             _ => {}
         }
+        let key = self.key_bytes()?;
+        let key_field = if ic.key.is_some() {
+            "interconnect.key"
+        } else {
+            "interconnect.key_file"
+        };
+        interconnect::PresharedKey::new(key)
+            .map_err(|error| invalid(key_field, error.to_string()))?;
         if self.checkpoint.interval_ms == 0 {
             return Err(invalid("checkpoint.interval_ms", "must be positive"));
         }
@@ -426,7 +434,7 @@ size = "64MiB"
 [interconnect]
 listen = "127.0.0.1:7001"
 partner = "127.0.0.1:7002"
-key = "secret"
+key = "a secret of sixteen bytes or more"
 "#;
 
     #[test]
@@ -437,7 +445,10 @@ key = "secret"
         assert_eq!(config.interconnect.slots, 64);
         assert_eq!(config.nvram.half_size, ByteSize(32 << 20));
         assert_eq!(config.partner_id(), 2);
-        assert_eq!(config.key_bytes().expect("key"), b"secret");
+        assert_eq!(
+            config.key_bytes().expect("key"),
+            b"a secret of sixteen bytes or more"
+        );
     }
 
     fn error_for(text: &str) -> String {
@@ -457,7 +468,14 @@ key = "secret"
                 GOOD.replace("name = \"vol0\"", "name = \"../etc\""),
                 "volume[0].name",
             ),
-            (GOOD.replace("key = \"secret\"", ""), "interconnect.key"),
+            (
+                GOOD.replace("key = \"a secret of sixteen bytes or more\"", ""),
+                "interconnect.key",
+            ),
+            (
+                GOOD.replace("a secret of sixteen bytes or more", "short"),
+                "interconnect.key",
+            ),
             (
                 GOOD.replace("127.0.0.1:7002", "127.0.0.1:7001"),
                 "interconnect.partner",

@@ -15,8 +15,10 @@ use std::ops::Range;
 pub enum Source {
     /// In the NVRAM region, from this region offset on.
     Region { offset: u64 },
-    /// All zeros.
+    /// All zeros, space kept allocated (write-zeroes).
     Zero,
+    /// All zeros, space may be released (trim).
+    Hole,
 }
 
 impl Source {
@@ -27,6 +29,7 @@ impl Source {
                 offset: offset + skip,
             },
             Source::Zero => Source::Zero,
+            Source::Hole => Source::Hole,
         }
     }
 }

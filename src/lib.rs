@@ -7,17 +7,24 @@
 //! - [`mailbox`]: the node's state on shared storage, for the partner.
 //! - [`extents`]: the dirty map of a volume.
 //! - [`volume`]: a volume's backing file.
-//! - [`nbd`]: the NBD front end.
+//! - [`nbd`]: the NBD front end; [`serve`] runs a node behind it.
 //! - [`inspect`]: `nvmirror nvlog dump`.
+//! - [`demo`], [`harness`], [`workload`]: `nvmirror demo`, a pair on this
+//!   machine under a verifying workload.
 
 pub mod config;
+pub mod demo;
 pub mod error;
 pub mod extents;
+pub mod harness;
 pub mod inspect;
 pub mod mailbox;
 pub mod mirror;
+pub mod nbd;
 pub mod node;
+pub mod serve;
 mod sys;
 pub mod volume;
+pub mod workload;
 
 pub use error::{Error, Result};

@@ -107,12 +107,8 @@ impl Node {
             })
             .collect::<Result<Vec<_>>>()?;
 
-        let key = PresharedKey::new(config.key_bytes()?).map_err(|error| {
-            crate::config::ConfigError::Invalid {
-                field: "interconnect.key".into(),
-                reason: error.to_string(),
-            }
-        })?;
+        // Checked by Config::validate; a key file changed since is refused here.
+        let key = PresharedKey::new(config.key_bytes()?)?;
         let mut tcp = TcpConfig::new(key);
         tcp.send_depth = config.interconnect.slots;
         tcp.heartbeat_interval_ms = config.interconnect.heartbeat_interval_ms;
@@ -225,6 +221,16 @@ impl Drop for Node {
     }
 }
 
+/// Where the bytes of a record of `kind` whose payload starts at region
+/// offset `payload_at` are.
+fn source_of(kind: RecordKind, payload_at: u64) -> Source {
+    match kind {
+        RecordKind::Write => Source::Region { offset: payload_at },
+        RecordKind::WriteZeroes => Source::Zero,
+        RecordKind::Trim => Source::Hole,
+    }
+}
+
 fn spawn(name: &str, body: impl FnOnce() + Send + 'static) -> JoinHandle<()> {
     std::thread::Builder::new()
         .name(name.to_owned())
@@ -325,14 +331,9 @@ impl NodeInner {
         let mut mirror_reservation = self.mirror.reserve(log_reservation.len_bytes());
         let local_log = self.region.local_log().offset;
         let (lsn, posted, closed) = self.log.append_then(log_reservation, &data, |appended| {
-            let source = match data.kind {
-                RecordKind::Write => Source::Region {
-                    offset: local_log
-                        + appended.range.start
-                        + nvlog::record::RECORD_HEADER_BYTES as u64,
-                },
-                RecordKind::WriteZeroes | RecordKind::Trim => Source::Zero,
-            };
+            let payload_at =
+                local_log + appended.range.start + nvlog::record::RECORD_HEADER_BYTES as u64;
+            let source = source_of(data.kind, payload_at);
             volume
                 .extents
                 .lock()
@@ -401,7 +402,7 @@ impl NodeInner {
                 let target = &mut buf[at..at + piece.len as usize];
                 match piece.source {
                     Source::Region { offset } => self.region.read(offset, target),
-                    Source::Zero => target.fill(0),
+                    Source::Zero | Source::Hole => target.fill(0),
                 }
                 cursor = piece.start + piece.len;
             }
@@ -527,7 +528,8 @@ impl NodeInner {
                             self.region.read(offset, &mut buffer);
                             volume.write_file(piece.start, &buffer)?;
                         }
-                        Source::Zero => volume.zero_file(piece.start, piece.len)?,
+                        Source::Zero => volume.zero_file(piece.start, piece.len, false)?,
+                        Source::Hole => volume.zero_file(piece.start, piece.len, true)?,
                     }
                     bytes += piece.len;
                 }
@@ -581,14 +583,9 @@ impl NodeInner {
                 tracing::error!(volume = %volume.name, lsn = header.lsn, "log record beyond the end of its volume; skipped");
                 continue;
             }
-            let source = match header.kind {
-                RecordKind::Write => Source::Region {
-                    offset: local_log
-                        + record.log_offset
-                        + nvlog::record::RECORD_HEADER_BYTES as u64,
-                },
-                RecordKind::WriteZeroes | RecordKind::Trim => Source::Zero,
-            };
+            let payload_at =
+                local_log + record.log_offset + nvlog::record::RECORD_HEADER_BYTES as u64;
+            let source = source_of(header.kind, payload_at);
             volume
                 .extents
                 .lock()

@@ -101,21 +101,20 @@ impl Volume {
             })
     }
 
-    /// Make the range read back as zeros, deallocating it where the file
-    /// system can.
-    pub fn zero_file(&self, offset: u64, len: u64) -> Result<()> {
+    /// Make the range read back as zeros: with `release`, deallocating it
+    /// (trim), else keeping it allocated (write-zeroes).
+    pub fn zero_file(&self, offset: u64, len: u64, release: bool) -> Result<()> {
         use nix::fcntl::{fallocate, FallocateFlags};
         use std::os::fd::AsRawFd;
-        let punched = fallocate(
-            self.file.as_raw_fd(),
-            FallocateFlags::FALLOC_FL_PUNCH_HOLE | FallocateFlags::FALLOC_FL_KEEP_SIZE,
-            offset as i64,
-            len as i64,
-        );
-        if punched.is_ok() {
+        let mode = if release {
+            FallocateFlags::FALLOC_FL_PUNCH_HOLE | FallocateFlags::FALLOC_FL_KEEP_SIZE
+        } else {
+            FallocateFlags::FALLOC_FL_ZERO_RANGE | FallocateFlags::FALLOC_FL_KEEP_SIZE
+        };
+        if fallocate(self.file.as_raw_fd(), mode, offset as i64, len as i64).is_ok() {
             return Ok(());
         }
-        // No hole punching here (e.g. tmpfs on old kernels): write zeros.
+        // The file system cannot do it in place: write zeros.
         const CHUNK: usize = 1 << 20;
         let zeros = vec![0u8; CHUNK.min(len as usize)];
         let mut done = 0;

@@ -7,6 +7,9 @@ use std::sync::Arc;
 
 use nvlog::{Geometry, Log, RecordData, Region};
 
+/// A named way to fill a log.
+type Seed<'a> = (&'a str, &'a dyn Fn(&Log));
+
 /// Seeds cover the header block and the start of half 0.
 const SEED_BYTES: usize = 16 * 1024;
 
@@ -16,7 +19,7 @@ fn main() {
         .expect("usage: fuzz_seeds <corpus dir>");
     std::fs::create_dir_all(&dir).expect("create corpus dir");
     let geometry = Geometry::new(64 * 1024).expect("geometry");
-    let seeds: [(&str, &dyn Fn(&Log)); 4] = [
+    let seeds: [Seed; 4] = [
         ("fresh", &|_log: &Log| {}),
         ("writes", &|log: &Log| {
             for i in 0..6u8 {

@@ -1,0 +1,84 @@
+# nvmirror: the two commands of the README, and their parts.
+#
+#   make demo    the main job: a pair of nodes on this machine, a verifying
+#                workload through NBD, a partner outage, a restart, a report.
+#   make test    everything CI runs: unit, property, concurrency and
+#                integration tests, the loom model, fuzz smoke runs and the
+#                benchmarks in quick mode. Installs what it needs first.
+#
+# Other targets: deps, lint, bench (full-length benchmarks), fuzz (longer
+# fuzz runs: make fuzz FUZZ_SECONDS=600).
+
+SHELL := /bin/bash
+.SHELLFLAGS := -euo pipefail -c
+.DEFAULT_GOAL := test
+
+# Debian packages the build and the tests use: a C toolchain for -sys
+# crates, and the stock NBD clients the tests drive (qemu-io, qemu-img;
+# nbdinfo, nbdcopy; nbdsh).
+APT_PACKAGES := build-essential pkg-config qemu-utils libnbd-bin python3-libnbd
+FUZZ_SECONDS ?= 20
+CARGO ?= cargo
+# Crates with a fuzz/ directory (cargo-fuzz layout).
+FUZZ_CRATES := $(patsubst %/fuzz/Cargo.toml,%,$(wildcard */fuzz/Cargo.toml))
+
+DEMO_SECONDS ?= 10
+
+.PHONY: demo test deps lint unit loom fuzz-smoke fuzz bench-smoke bench
+
+demo: deps
+	$(CARGO) build --release --locked -p nvmirror
+	./target/release/nvmirror demo --seconds $(DEMO_SECONDS)
+
+test: deps unit loom fuzz-smoke bench-smoke
+	@echo "make test: all tiers passed"
+
+## deps: install what is missing (apt packages, cargo-fuzz); never upgrades.
+deps:
+	@command -v $(CARGO) >/dev/null || { echo "cargo not found: install Rust (https://rustup.rs), then re-run make" >&2; exit 1; }
+	@missing=""; for p in $(APT_PACKAGES); do dpkg -s "$$p" >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then \
+		echo "installing Debian packages:$$missing"; \
+		sudo=""; [ "$$(id -u)" = 0 ] || sudo="sudo"; \
+		$$sudo env DEBIAN_FRONTEND=noninteractive apt-get update -q; \
+		$$sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends $$missing; \
+	fi
+	@command -v cargo-fuzz >/dev/null || $(CARGO) install cargo-fuzz --locked
+
+lint:
+	$(CARGO) fmt --all -- --check
+	$(CARGO) clippy --workspace --all-targets --locked -- -D warnings
+
+## unit: every crate's tests (tiers 1, 2 and 4 of DESIGN.md).
+unit:
+	$(CARGO) test --workspace --locked
+
+## loom: the send queue's slot accounting under the loom model checker.
+loom:
+	RUSTFLAGS="--cfg loom" CARGO_TARGET_DIR=target/loom $(CARGO) test -p interconnect --release --lib --locked loom
+
+## fuzz-smoke: every fuzz target for FUZZ_SECONDS on its committed corpus.
+## New inputs go to a scratch directory; a crash fails the run and leaves
+## the input in <crate>/fuzz/artifacts/ (commit it under regressions/).
+fuzz-smoke:
+	@for crate in $(FUZZ_CRATES); do \
+		for target in $$(cd $$crate && cargo fuzz list); do \
+			scratch=$$(mktemp -d); \
+			echo "fuzz $$crate/$$target for $(FUZZ_SECONDS)s"; \
+			(cd $$crate && cargo fuzz run --sanitizer none $$target $$scratch fuzz/corpus/$$target -- \
+				-max_total_time=$(FUZZ_SECONDS) -max_len=16384 -print_final_stats=1 2>&1 | tail -n 12); \
+			rm -rf $$scratch; \
+		done; \
+	done
+
+fuzz:
+	$(MAKE) fuzz-smoke FUZZ_SECONDS=$(FUZZ_SECONDS)
+
+## bench-smoke: the benchmarks in quick mode, so they cannot rot.
+bench-smoke:
+	NVMIRROR_BENCH_QUICK=1 $(CARGO) bench --locked -p nvlog --bench nvlog
+	NVMIRROR_BENCH_QUICK=1 $(CARGO) bench --locked -p interconnect --bench interconnect
+
+bench:
+	$(CARGO) bench --locked -p nvlog --bench nvlog
+	$(CARGO) bench --locked -p interconnect --bench interconnect

@@ -1,0 +1,259 @@
+//! A pair of `nvmirror node` processes on this machine, for `nvmirror demo`
+//! (and drills): configs in a fresh directory, ports on loopback, start,
+//! stop, kill -9, and what their mailboxes and NVRAM files say.
+
+use std::net::{SocketAddr, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::error::{Error, Result};
+use crate::mailbox::Mailbox;
+
+/// What the pair looks like.
+#[derive(Debug, Clone)]
+pub struct PairSpec {
+    pub dir: PathBuf,
+    pub volumes: Vec<(String, u64)>,
+    pub half_bytes: u64,
+    pub extra_config: String,
+}
+
+#[derive(Debug)]
+pub struct NodeProcess {
+    pub node_id: u32,
+    pub config_path: PathBuf,
+    pub nbd: SocketAddr,
+    pub log_path: PathBuf,
+    child: Option<Child>,
+}
+
+#[derive(Debug)]
+pub struct PairHarness {
+    pub spec: PairSpec,
+    pub nodes: [NodeProcess; 2],
+}
+
+fn free_port() -> Result<u16> {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").map_err(|source| Error::Listen {
+        addr: SocketAddr::from(([127, 0, 0, 1], 0)),
+        source,
+    })?;
+    Ok(listener
+        .local_addr()
+        .expect("a bound listener has an address")
+        .port())
+}
+
+fn io(what: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> Error {
+    let path = path.to_owned();
+    move |source| Error::Io { what, path, source }
+}
+
+impl PairHarness {
+    /// Write both configs into `spec.dir`; nothing starts yet.
+    pub fn configure(spec: PairSpec) -> Result<PairHarness> {
+        std::fs::create_dir_all(&spec.dir).map_err(io("creating the pair directory", &spec.dir))?;
+        let ic = [free_port()?, free_port()?];
+        let nbd = [free_port()?, free_port()?];
+        let volumes: String = spec
+            .volumes
+            .iter()
+            .map(|(name, size)| format!("[[volume]]\nname = \"{name}\"\nsize = {size}\n"))
+            .collect();
+        let mut nodes = Vec::new();
+        for node_id in [1u32, 2] {
+            let me = (node_id - 1) as usize;
+            let config_path = spec.dir.join(format!("node{node_id}.toml"));
+            let text = format!(
+                "node_id = {node_id}\n\
+                 data_dir = \"{root}/node{node_id}\"\n\
+                 aggregate_dir = \"{root}/aggregate\"\n\
+                 [nvram]\nhalf_size = {half}\n\
+                 [nbd]\nlisten = \"127.0.0.1:{nbd_port}\"\n\
+                 {volumes}\
+                 [interconnect]\nlisten = \"127.0.0.1:{listen}\"\npartner = \"127.0.0.1:{partner}\"\n\
+                 key = \"demo pair key: generate your own for a real pair\"\n\
+                 heartbeat_interval_ms = 50\nheartbeat_timeout_ms = 1000\n\
+                 {extra}\n",
+                root = spec.dir.display(),
+                half = spec.half_bytes,
+                nbd_port = nbd[me],
+                listen = ic[me],
+                partner = ic[1 - me],
+                extra = spec.extra_config,
+            );
+            std::fs::write(&config_path, text)
+                .map_err(io("writing a node config", &config_path))?;
+            nodes.push(NodeProcess {
+                node_id,
+                config_path,
+                nbd: SocketAddr::from(([127, 0, 0, 1], nbd[me])),
+                log_path: spec.dir.join(format!("node{node_id}.log")),
+                child: None,
+            });
+        }
+        let nodes: [NodeProcess; 2] = nodes.try_into().expect("two nodes");
+        Ok(PairHarness { spec, nodes })
+    }
+
+    pub fn node(&mut self, node_id: u32) -> &mut NodeProcess {
+        &mut self.nodes[(node_id - 1) as usize]
+    }
+
+    pub fn nvram(&self, node_id: u32) -> PathBuf {
+        self.spec.dir.join(format!("node{node_id}/nvram"))
+    }
+
+    pub fn mailbox(&self, node_id: u32) -> Mailbox {
+        Mailbox::new(&self.spec.dir.join("aggregate"), node_id)
+    }
+
+    pub fn in_sync(&self, node_id: u32) -> bool {
+        matches!(self.mailbox(node_id).read(), Ok(Some(state)) if state.mirror_in_sync)
+    }
+
+    /// Wait until `node_id` mirrors in sync, up to `timeout`.
+    pub fn wait_in_sync(&self, node_id: u32, timeout: Duration) -> Result<()> {
+        let deadline = Instant::now() + timeout;
+        while !self.in_sync(node_id) {
+            if Instant::now() > deadline {
+                return Err(Error::Failed {
+                    reason: format!("node {node_id} did not mirror in sync within {timeout:?}"),
+                });
+            }
+            std::thread::sleep(Duration::from_millis(25));
+        }
+        Ok(())
+    }
+
+    /// Node `writer`'s live log and node `mirror`'s partner-mirror area hold
+    /// the same bytes, read through the NVRAM files (mapped shared by the
+    /// nodes, so the files show the current bytes).
+    pub fn mirror_matches(&self, writer: u32, mirror: u32) -> Result<bool> {
+        use std::os::unix::fs::FileExt;
+        let log_len = nvlog::region::LOG_HEADER_BYTES + 2 * self.spec.half_bytes;
+        let read = |path: PathBuf, offset: u64| -> Result<Vec<u8>> {
+            let file = std::fs::File::open(&path).map_err(io("opening an NVRAM file", &path))?;
+            let mut bytes = vec![0u8; log_len as usize];
+            file.read_exact_at(&mut bytes, offset)
+                .map_err(io("reading an NVRAM file", &path))?;
+            Ok(bytes)
+        };
+        let header = nvlog::region::REGION_HEADER_BYTES;
+        Ok(read(self.nvram(writer), header)? == read(self.nvram(mirror), header + log_len)?)
+    }
+}
+
+impl NodeProcess {
+    /// Start `nvmirror node` (this very binary) and wait until it serves NBD.
+    pub fn start(&mut self, timeout: Duration) -> Result<()> {
+        assert!(
+            self.child.is_none(),
+            "node {} is already running",
+            self.node_id
+        );
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log_path)
+            .map_err(io("opening a node log", &self.log_path))?;
+        let log_err = log
+            .try_clone()
+            .map_err(io("opening a node log", &self.log_path))?;
+        let exe = std::env::current_exe().map_err(io(
+            "finding the nvmirror binary",
+            Path::new("/proc/self/exe"),
+        ))?;
+        let child = Command::new(exe)
+            .arg("node")
+            .arg("--config")
+            .arg(&self.config_path)
+            .env(
+                "RUST_LOG",
+                std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),
+            )
+            .stdin(Stdio::null())
+            .stdout(log)
+            .stderr(log_err)
+            .spawn()
+            .map_err(io("starting a node", &self.config_path))?;
+        self.child = Some(child);
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = self
+                .child
+                .as_mut()
+                .and_then(|c| c.try_wait().ok().flatten())
+            {
+                self.child = None;
+                return Err(Error::Failed {
+                    reason: format!(
+                        "node {} exited with {status}; see {}",
+                        self.node_id,
+                        self.log_path.display()
+                    ),
+                });
+            }
+            if TcpStream::connect_timeout(&self.nbd, Duration::from_millis(200)).is_ok() {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                return Err(Error::Failed {
+                    reason: format!("node {} did not serve NBD within {timeout:?}", self.node_id),
+                });
+            }
+            std::thread::sleep(Duration::from_millis(25));
+        }
+    }
+
+    pub fn is_running(&self) -> bool {
+        self.child.is_some()
+    }
+
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(|child| child.id())
+    }
+
+    /// kill -9: the node gets no chance to flush anything.
+    pub fn kill9(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// SIGTERM, and wait for the clean shutdown.
+    pub fn stop(&mut self, timeout: Duration) -> Result<std::process::ExitStatus> {
+        let Some(mut child) = self.child.take() else {
+            return Err(Error::Failed {
+                reason: format!("node {} is not running", self.node_id),
+            });
+        };
+        let pid = nix::unistd::Pid::from_raw(child.id() as i32);
+        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Ok(Some(status)) = child.try_wait() {
+                return Ok(status);
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                return Err(Error::Failed {
+                    reason: format!(
+                        "node {} did not stop within {timeout:?} of SIGTERM",
+                        self.node_id
+                    ),
+                });
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for NodeProcess {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
