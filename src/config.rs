@@ -29,6 +29,14 @@
 //! [checkpoint]
 //! interval_ms = 5000
 //! threshold_percent = 50
+//!
+//! [ha]
+//! admin_listen = "127.0.0.1:7180"     # status, metrics, takeover, giveback
+//! mailbox_interval_ms = 200           # heartbeat in the mailbox on shared storage
+//! mailbox_timeout_ms = 2000           # partner's mailbox unchanged this long: stale
+//! auto_takeover = true
+//! auto_giveback_delay_ms = 30000      # absent: giveback only by `nvmirror giveback`
+//! hook = "/etc/nvmirror/move-ip.sh"   # run on takeover and giveback
 //! ```
 
 use std::net::SocketAddr;
@@ -143,6 +151,50 @@ pub struct Config {
     pub interconnect: InterconnectConfig,
     #[serde(default)]
     pub checkpoint: CheckpointConfig,
+    #[serde(default)]
+    pub ha: HaConfig,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HaConfig {
+    /// The admin endpoint (HTTP): status, metrics, takeover, giveback.
+    #[serde(default)]
+    pub admin_listen: Option<SocketAddr>,
+    #[serde(default = "default_mailbox_interval_ms")]
+    pub mailbox_interval_ms: u64,
+    #[serde(default = "default_mailbox_timeout_ms")]
+    pub mailbox_timeout_ms: u64,
+    #[serde(default = "default_auto_takeover")]
+    pub auto_takeover: bool,
+    /// Give the partner's volumes back this long after it is up and waiting;
+    /// absent: only on `nvmirror giveback`.
+    #[serde(default)]
+    pub auto_giveback_delay_ms: Option<u64>,
+    /// A command run (by `sh -c`) on takeover and giveback, like keepalived's
+    /// notify scripts: it can move a floating address. It gets
+    /// NVMIRROR_EVENT (takeover|giveback), NVMIRROR_PARTNER and
+    /// NVMIRROR_PARTNER_NBD in its environment.
+    #[serde(default)]
+    pub hook: Option<String>,
+    /// Throttle of the background replay after a takeover, to leave the
+    /// disks to the clients; absent: as fast as the disks go.
+    #[serde(default)]
+    pub replay_max_bytes_per_s: Option<ByteSize>,
+}
+
+impl Default for HaConfig {
+    fn default() -> Self {
+        HaConfig {
+            admin_listen: None,
+            mailbox_interval_ms: default_mailbox_interval_ms(),
+            mailbox_timeout_ms: default_mailbox_timeout_ms(),
+            auto_takeover: default_auto_takeover(),
+            auto_giveback_delay_ms: None,
+            hook: None,
+            replay_max_bytes_per_s: None,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -236,6 +288,15 @@ fn default_cp_interval_ms() -> u64 {
 }
 fn default_cp_threshold_percent() -> u8 {
     50
+}
+fn default_mailbox_interval_ms() -> u64 {
+    200
+}
+fn default_mailbox_timeout_ms() -> u64 {
+    2000
+}
+fn default_auto_takeover() -> bool {
+    true
 }
 
 /// Volume names become file names and NBD export names.

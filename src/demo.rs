@@ -30,6 +30,9 @@ pub fn run(options: &DemoOptions) -> Result<(bool, String)> {
         volumes: vec![("vol0".into(), VOLUME_BYTES), ("vol1".into(), VOLUME_BYTES)],
         half_bytes: 8 << 20,
         extra_config: "[checkpoint]\ninterval_ms = 1000\n".into(),
+        // The demo shows a partner outage without a takeover; drills take over.
+        ha_config: "auto_takeover = false\n".into(),
+        binary: None,
     })?;
     let _ = writeln!(
         report,
@@ -75,10 +78,7 @@ pub fn run(options: &DemoOptions) -> Result<(bool, String)> {
     pair.node(2).kill9();
     let outage_seconds = (options.seconds / 3).max(1);
     let mut outage = run_workload(nbd, options, Duration::from_secs(outage_seconds), 1_000)?;
-    let out_of_sync = pair
-        .mailbox(1)
-        .read()?
-        .is_some_and(|state| !state.mirror_in_sync);
+    let out_of_sync = pair.mailbox(1)?.is_some_and(|state| !state.mirror_in_sync);
     summarize(
         &mut report,
         "partner down (kill -9)",

@@ -31,8 +31,20 @@ pub enum Error {
         actual_bytes: u64,
     },
 
-    #[error("mailbox {path} is corrupt: {reason}")]
-    CorruptMailbox { path: PathBuf, reason: String },
+    #[error("{path} is corrupt: {reason}")]
+    Corrupt { path: PathBuf, reason: String },
+
+    #[error(
+        "fenced: node {volumes_of}'s volumes belong to another node now (this node held them at \
+         epoch {epoch}); it no longer writes or acknowledges writes to them"
+    )]
+    Fenced { volumes_of: u32, epoch: u64 },
+
+    #[error("refused: {reason}")]
+    Refused { reason: String },
+
+    #[error("no volume `{name}` is served here")]
+    NoSuchVolume { name: String },
 
     #[error("request {offset}+{len} is outside volume `{volume}` of {size_bytes} bytes")]
     OutOfRange {

@@ -3,7 +3,9 @@
 //!
 //! An extent points at the payload of the record that last wrote its bytes
 //! (a region offset, in the local log or, after a takeover, in the partner
-//! mirror), or says the bytes are zero (write-zeroes and trim). Writes are
+//! mirror), or says the bytes are zero (write-zeroes and trim). Its origin
+//! says which log: local extents leave with the consistency point of their
+//! half (by LSN); mirror extents leave as the takeover replay writes them. Writes are
 //! byte-granular, so there is no read-modify-write and no I/O in the write
 //! path's modify phase: inserting an extent only splits its neighbours.
 
@@ -34,11 +36,21 @@ impl Source {
     }
 }
 
+/// Which log an extent's record is in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Origin {
+    /// This node's own log; `lsn` is one of its LSNs.
+    Local,
+    /// The partner's mirror, taken over; `lsn` is one of the partner's.
+    Mirror,
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Extent {
     pub len: u64,
     /// The record that wrote these bytes.
     pub lsn: u64,
+    pub origin: Origin,
     pub source: Source,
 }
 
@@ -48,6 +60,7 @@ pub struct Piece {
     pub start: u64,
     pub len: u64,
     pub lsn: u64,
+    pub origin: Origin,
     pub source: Source,
 }
 
@@ -76,13 +89,28 @@ impl ExtentMap {
         self.covered_bytes
     }
 
-    /// Record that `start..start + len` now holds the data of record `lsn`.
+    /// Record that `start..start + len` now holds the data of record `lsn`
+    /// of this node's log.
     pub fn insert(&mut self, start: u64, len: u64, lsn: u64, source: Source) {
+        self.insert_from(Origin::Local, start, len, lsn, source);
+    }
+
+    /// Record that `start..start + len` now holds the data of record `lsn`
+    /// of the log `origin` names.
+    pub fn insert_from(&mut self, origin: Origin, start: u64, len: u64, lsn: u64, source: Source) {
         if len == 0 {
             return;
         }
         self.cut(start..start + len);
-        self.extents.insert(start, Extent { len, lsn, source });
+        self.extents.insert(
+            start,
+            Extent {
+                len,
+                lsn,
+                origin,
+                source,
+            },
+        );
         self.covered_bytes += len;
         self.check_invariants_cheaply(start);
     }
@@ -115,8 +143,8 @@ impl ExtentMap {
                     range.end,
                     Extent {
                         len: kept,
-                        lsn: extent.lsn,
                         source: extent.source.advanced(skip),
+                        ..extent
                     },
                 );
                 self.covered_bytes += kept;
@@ -149,32 +177,28 @@ impl ExtentMap {
                     start: piece_start,
                     len: piece_end - piece_start,
                     lsn: extent.lsn,
+                    origin: extent.origin,
                     source: extent.source.advanced(piece_start - start),
                 }
             })
             .collect()
     }
 
-    /// Every extent written by a record with an LSN in `lsns`.
+    /// Every local extent written by a record with an LSN in `lsns`.
     pub fn written_by(&self, lsns: Range<u64>) -> Vec<Piece> {
         self.extents
             .iter()
-            .filter(|(_, extent)| lsns.contains(&extent.lsn))
-            .map(|(start, extent)| Piece {
-                start: *start,
-                len: extent.len,
-                lsn: extent.lsn,
-                source: extent.source,
-            })
+            .filter(|(_, extent)| extent.origin == Origin::Local && lsns.contains(&extent.lsn))
+            .map(|(start, extent)| piece_of(*start, extent))
             .collect()
     }
 
-    /// Forget every extent written by a record up to `lsn`: its bytes are
-    /// in the backing file now.
+    /// Forget every local extent written by a record up to `lsn`: its bytes
+    /// are in the backing file now.
     pub fn remove_through(&mut self, lsn: u64) -> u64 {
         let mut removed = 0;
         self.extents.retain(|_, extent| {
-            let keep = extent.lsn > lsn;
+            let keep = extent.origin != Origin::Local || extent.lsn > lsn;
             if !keep {
                 removed += extent.len;
             }
@@ -182,6 +206,52 @@ impl ExtentMap {
         });
         self.covered_bytes -= removed;
         removed
+    }
+
+    /// Mirror extents, in offset order, up to about `max_bytes` of them.
+    pub fn mirror_pieces(&self, max_bytes: u64) -> Vec<Piece> {
+        let mut total = 0;
+        self.extents
+            .iter()
+            .filter(|(_, extent)| extent.origin == Origin::Mirror)
+            .take_while(|(_, extent)| {
+                let take = total < max_bytes;
+                total += extent.len;
+                take
+            })
+            .map(|(start, extent)| piece_of(*start, extent))
+            .collect()
+    }
+
+    /// Bytes still covered by mirror extents.
+    pub fn mirror_bytes(&self) -> u64 {
+        self.extents
+            .values()
+            .filter(|extent| extent.origin == Origin::Mirror)
+            .map(|extent| extent.len)
+            .sum()
+    }
+
+    /// Forget what is left of the mirror extent `piece` (whatever a newer
+    /// write did not replace since): its bytes are in the backing file now.
+    pub fn remove_mirror_piece(&mut self, piece: &Piece) {
+        assert_eq!(piece.origin, Origin::Mirror);
+        let still_there: Vec<Piece> = self
+            .pieces(piece.start..piece.start + piece.len)
+            .into_iter()
+            .filter(|p| p.origin == Origin::Mirror && p.lsn == piece.lsn)
+            .collect();
+        for p in still_there {
+            self.cut(p.start..p.start + p.len);
+        }
+    }
+
+    /// Every extent, in offset order (to persist a takeover index).
+    pub fn all_pieces(&self) -> Vec<Piece> {
+        self.extents
+            .iter()
+            .map(|(start, extent)| piece_of(*start, extent))
+            .collect()
     }
 
     fn check_invariants_cheaply(&self, around: u64) {
@@ -202,6 +272,16 @@ impl ExtentMap {
                 previous = extent;
             }
         }
+    }
+}
+
+fn piece_of(start: u64, extent: &Extent) -> Piece {
+    Piece {
+        start,
+        len: extent.len,
+        lsn: extent.lsn,
+        origin: extent.origin,
+        source: extent.source,
     }
 }
 
@@ -241,24 +321,28 @@ mod tests {
                     start: 0,
                     len: 20,
                     lsn: 1,
+                    origin: Origin::Local,
                     source: region(1000)
                 },
                 Piece {
                     start: 20,
                     len: 10,
                     lsn: 2,
+                    origin: Origin::Local,
                     source: Source::Zero
                 },
                 Piece {
                     start: 30,
                     len: 60,
                     lsn: 1,
+                    origin: Origin::Local,
                     source: region(1030)
                 },
                 Piece {
                     start: 90,
                     len: 20,
                     lsn: 3,
+                    origin: Origin::Local,
                     source: region(5000)
                 },
             ]
@@ -269,6 +353,7 @@ mod tests {
                 start: 30,
                 len: 5,
                 lsn: 1,
+                origin: Origin::Local,
                 source: region(1030)
             }
         );
@@ -280,7 +365,49 @@ mod tests {
                 start: 90,
                 len: 20,
                 lsn: 3,
+                origin: Origin::Local,
                 source: region(5000)
+            }]
+        );
+    }
+
+    #[test]
+    fn mirror_extents_leave_by_replay_and_local_ones_by_lsn() {
+        let mut map = ExtentMap::new();
+        map.insert_from(Origin::Mirror, 0, 100, 7, region(1000));
+        map.insert_from(Origin::Mirror, 200, 50, 9, Source::Zero);
+        // A write since the takeover replaces part of a mirror extent.
+        map.insert(40, 20, 1, region(9000));
+        assert_eq!(map.mirror_bytes(), 80 + 50);
+        assert_eq!(
+            map.written_by(0..10).len(),
+            1,
+            "only local extents are checkpointed"
+        );
+        let pieces = map.mirror_pieces(u64::MAX);
+        assert_eq!(pieces.len(), 3);
+        // The replay wrote the whole original extent; a newer write landed
+        // in it meanwhile: only what is still the mirror's goes.
+        let whole = Piece {
+            start: 0,
+            len: 100,
+            lsn: 7,
+            origin: Origin::Mirror,
+            source: region(1000),
+        };
+        map.insert(0, 10, 2, region(9100));
+        map.remove_mirror_piece(&whole);
+        assert_eq!(map.mirror_bytes(), 50);
+        assert_eq!(map.pieces(0..100).len(), 2, "the two local writes stay");
+        assert_eq!(map.remove_through(5), 30);
+        assert_eq!(
+            map.mirror_pieces(1),
+            vec![Piece {
+                start: 200,
+                len: 50,
+                lsn: 9,
+                origin: Origin::Mirror,
+                source: Source::Zero
             }]
         );
     }

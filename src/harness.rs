@@ -8,7 +8,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use crate::error::{Error, Result};
-use crate::mailbox::Mailbox;
+use crate::mailbox::{self, MailboxState};
 
 /// What the pair looks like.
 #[derive(Debug, Clone)]
@@ -16,14 +16,21 @@ pub struct PairSpec {
     pub dir: PathBuf,
     pub volumes: Vec<(String, u64)>,
     pub half_bytes: u64,
+    /// Appended before the `[ha]` section (whole sections).
     pub extra_config: String,
+    /// Appended inside the `[ha]` section.
+    pub ha_config: String,
+    /// The `nvmirror` binary to run (default: the running one).
+    pub binary: Option<PathBuf>,
 }
 
 #[derive(Debug)]
 pub struct NodeProcess {
+    binary: Option<PathBuf>,
     pub node_id: u32,
     pub config_path: PathBuf,
     pub nbd: SocketAddr,
+    pub admin: SocketAddr,
     pub log_path: PathBuf,
     child: Option<Child>,
 }
@@ -56,6 +63,7 @@ impl PairHarness {
         std::fs::create_dir_all(&spec.dir).map_err(io("creating the pair directory", &spec.dir))?;
         let ic = [free_port()?, free_port()?];
         let nbd = [free_port()?, free_port()?];
+        let admin = [free_port()?, free_port()?];
         let volumes: String = spec
             .volumes
             .iter()
@@ -75,20 +83,25 @@ impl PairHarness {
                  [interconnect]\nlisten = \"127.0.0.1:{listen}\"\npartner = \"127.0.0.1:{partner}\"\n\
                  key = \"demo pair key: generate your own for a real pair\"\n\
                  heartbeat_interval_ms = 50\nheartbeat_timeout_ms = 1000\n\
-                 {extra}\n",
+                 {extra}\n\
+                 [ha]\nadmin_listen = \"127.0.0.1:{admin_port}\"\nmailbox_interval_ms = 100\nmailbox_timeout_ms = 1000\n{ha_extra}\n",
                 root = spec.dir.display(),
                 half = spec.half_bytes,
                 nbd_port = nbd[me],
                 listen = ic[me],
                 partner = ic[1 - me],
                 extra = spec.extra_config,
+                admin_port = admin[me],
+                ha_extra = spec.ha_config,
             );
             std::fs::write(&config_path, text)
                 .map_err(io("writing a node config", &config_path))?;
             nodes.push(NodeProcess {
+                binary: spec.binary.clone(),
                 node_id,
                 config_path,
                 nbd: SocketAddr::from(([127, 0, 0, 1], nbd[me])),
+                admin: SocketAddr::from(([127, 0, 0, 1], admin[me])),
                 log_path: spec.dir.join(format!("node{node_id}.log")),
                 child: None,
             });
@@ -105,12 +118,17 @@ impl PairHarness {
         self.spec.dir.join(format!("node{node_id}/nvram"))
     }
 
-    pub fn mailbox(&self, node_id: u32) -> Mailbox {
-        Mailbox::new(&self.spec.dir.join("aggregate"), node_id)
+    pub fn aggregate(&self) -> PathBuf {
+        self.spec.dir.join("aggregate")
+    }
+
+    /// What node `node_id`'s mailbox says, if it wrote one.
+    pub fn mailbox(&self, node_id: u32) -> Result<Option<MailboxState>> {
+        mailbox::read(&self.aggregate(), node_id)
     }
 
     pub fn in_sync(&self, node_id: u32) -> bool {
-        matches!(self.mailbox(node_id).read(), Ok(Some(state)) if state.mirror_in_sync)
+        matches!(self.mailbox(node_id), Ok(Some(state)) if state.mirror_in_sync)
     }
 
     /// Wait until `node_id` mirrors in sync, up to `timeout`.
@@ -146,7 +164,47 @@ impl PairHarness {
 }
 
 impl NodeProcess {
-    /// Start `nvmirror node` (this very binary) and wait until it serves NBD.
+    /// GET /status from the node's admin endpoint.
+    pub fn status(&self) -> Result<serde_json::Value> {
+        let (code, body) =
+            crate::admin::request(self.admin, "GET", "/status", Duration::from_secs(10)).map_err(
+                |error| Error::Failed {
+                    reason: error.to_string(),
+                },
+            )?;
+        if code != 200 {
+            return Err(Error::Failed {
+                reason: format!("node {} status: HTTP {code}: {body}", self.node_id),
+            });
+        }
+        serde_json::from_str(&body).map_err(|error| Error::Failed {
+            reason: error.to_string(),
+        })
+    }
+
+    /// POST an admin action; returns (HTTP status, body).
+    pub fn admin_post(&self, path: &str) -> Result<(u16, String)> {
+        crate::admin::request(self.admin, "POST", path, Duration::from_secs(120)).map_err(|error| {
+            Error::Failed {
+                reason: error.to_string(),
+            }
+        })
+    }
+
+    /// Send a signal (SIGSTOP, SIGCONT) to the running node.
+    pub fn signal(&self, signal: nix::sys::signal::Signal) -> Result<()> {
+        let pid = self.pid().ok_or_else(|| Error::Failed {
+            reason: format!("node {} is not running", self.node_id),
+        })?;
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), signal).map_err(|errno| {
+            Error::Failed {
+                reason: format!("signalling node {}: {errno}", self.node_id),
+            }
+        })
+    }
+
+    /// Start `nvmirror node` (this very binary) and wait until it answers on
+    /// its admin endpoint.
     pub fn start(&mut self, timeout: Duration) -> Result<()> {
         assert!(
             self.child.is_none(),
@@ -161,10 +219,13 @@ impl NodeProcess {
         let log_err = log
             .try_clone()
             .map_err(io("opening a node log", &self.log_path))?;
-        let exe = std::env::current_exe().map_err(io(
-            "finding the nvmirror binary",
-            Path::new("/proc/self/exe"),
-        ))?;
+        let exe = match &self.binary {
+            Some(binary) => binary.clone(),
+            None => std::env::current_exe().map_err(io(
+                "finding the nvmirror binary",
+                Path::new("/proc/self/exe"),
+            ))?,
+        };
         let child = Command::new(exe)
             .arg("node")
             .arg("--config")
@@ -195,12 +256,17 @@ impl NodeProcess {
                     ),
                 });
             }
-            if TcpStream::connect_timeout(&self.nbd, Duration::from_millis(200)).is_ok() {
+            // The admin endpoint is the node's own (its NBD address may be
+            // served by the partner while it waits for a giveback).
+            if TcpStream::connect_timeout(&self.admin, Duration::from_millis(200)).is_ok() {
                 return Ok(());
             }
             if Instant::now() > deadline {
                 return Err(Error::Failed {
-                    reason: format!("node {} did not serve NBD within {timeout:?}", self.node_id),
+                    reason: format!(
+                        "node {} did not open its admin endpoint within {timeout:?}",
+                        self.node_id
+                    ),
                 });
             }
             std::thread::sleep(Duration::from_millis(25));

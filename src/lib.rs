@@ -4,6 +4,8 @@
 //! - [`node`]: NVRAM, log, volumes; the write path (suspendable phase,
 //!   modify phase, wait), reads, consistency points, local recovery.
 //! - [`mirror`]: the link to the partner's mirror, resync, in/out of sync.
+//! - [`ha`]: ownership and fencing, failure detection, takeover, replay,
+//!   giveback; [`admin`]: the operator's endpoint (status, metrics).
 //! - [`mailbox`]: the node's state on shared storage, for the partner.
 //! - [`extents`]: the dirty map of a volume.
 //! - [`volume`]: a volume's backing file.
@@ -12,10 +14,13 @@
 //! - [`demo`], [`harness`], [`workload`]: `nvmirror demo`, a pair on this
 //!   machine under a verifying workload.
 
+pub mod admin;
 pub mod config;
 pub mod demo;
 pub mod error;
 pub mod extents;
+pub mod fsutil;
+pub mod ha;
 pub mod harness;
 pub mod inspect;
 pub mod mailbox;

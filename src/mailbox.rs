@@ -1,21 +1,26 @@
 //! A node's mailbox: a small file on the shared storage that the partner
-//! can read even when the interconnect is down. It records whether this
-//! node's log is mirrored in full ("in sync") — before a node acknowledges
-//! a write its partner's mirror does not hold, the mailbox says "out of
-//! sync", durably, so a takeover never trusts a mirror that lacks
-//! acknowledged writes.
+//! reads even when the interconnect is down. It carries
 //!
-//! The file is JSON, replaced atomically (write a temporary file, fsync,
-//! rename, fsync the directory), so a reader sees the old or the new
-//! content, never a mix.
+//! - a heartbeat: a sequence number the node raises every
+//!   `mailbox_interval_ms` (the partner watches it change, by its own clock,
+//!   so the two clocks never need to agree);
+//! - whether this node's log is mirrored in full ("in sync"). Before a node
+//!   acknowledges a write its partner's mirror may lack, the mailbox says
+//!   "out of sync", durably, so a takeover never trusts a mirror that lacks
+//!   acknowledged writes;
+//! - what a takeover needs to serve this node's volumes: their names and
+//!   sizes, and the NBD address clients use.
+//!
+//! The file is JSON, replaced atomically ([`write_atomically`]).
 
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::{SystemTime, UNIX_EPOCH};
 
+use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
+use crate::fsutil::{read_small, write_atomically};
 
 pub const MAILBOX_FORMAT_VERSION: u32 = 1;
 /// A mailbox is a few hundred bytes; anything much larger is not one.
@@ -23,27 +28,53 @@ const MAILBOX_MAX_BYTES: u64 = 64 * 1024;
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
+pub struct VolumeInfo {
+    pub name: String,
+    pub size_bytes: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct MailboxState {
     pub format_version: u32,
     pub node_id: u32,
+    /// Raised every mailbox interval while the node runs.
+    pub heartbeat_seq: u64,
+    /// What the node is doing ("serving", "waiting for giveback", …).
+    pub state: String,
     /// Whether the partner's mirror holds every write this node acknowledged.
     pub mirror_in_sync: bool,
     /// Why not, for the operator.
     pub out_of_sync_reason: Option<String>,
-    /// Milliseconds since the Unix epoch of this update.
+    /// The NBD address of this node's volumes.
+    pub nbd_listen: String,
+    /// This node's own volumes, in volume-id order.
+    pub volumes: Vec<VolumeInfo>,
+    /// Half length of its log, to check the pair's geometry agrees.
+    pub half_bytes: u64,
+    /// Milliseconds since the Unix epoch of this update (for people; the
+    /// partner judges liveness by `heartbeat_seq` alone).
     pub updated_unix_ms: u64,
 }
 
+/// This node's own mailbox: the one writer of its file.
 #[derive(Debug)]
 pub struct Mailbox {
     path: PathBuf,
+    state: Mutex<MailboxState>,
+}
+
+pub fn mailbox_path(aggregate_dir: &Path, node_id: u32) -> PathBuf {
+    aggregate_dir.join(format!("node-{node_id}.mailbox"))
 }
 
 impl Mailbox {
-    /// The mailbox of `node_id` in `aggregate_dir`.
-    pub fn new(aggregate_dir: &Path, node_id: u32) -> Mailbox {
+    /// The mailbox of `initial.node_id` in `aggregate_dir`; nothing is
+    /// written until the first update.
+    pub fn new(aggregate_dir: &Path, initial: MailboxState) -> Mailbox {
         Mailbox {
-            path: aggregate_dir.join(format!("node-{node_id}.mailbox")),
+            path: mailbox_path(aggregate_dir, initial.node_id),
+            state: Mutex::new(initial),
         }
     }
 
@@ -51,57 +82,34 @@ impl Mailbox {
         &self.path
     }
 
-    /// The current state, or `None` if the node never wrote its mailbox.
-    pub fn read(&self) -> Result<Option<MailboxState>> {
-        let bytes = match std::fs::metadata(&self.path) {
-            Err(error) if error.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-            Err(source) => {
-                return Err(Error::Io {
-                    what: "reading a mailbox",
-                    path: self.path.clone(),
-                    source,
-                })
-            }
-            Ok(metadata) if metadata.len() > MAILBOX_MAX_BYTES => {
-                return Err(Error::CorruptMailbox {
-                    path: self.path.clone(),
-                    reason: format!("{} bytes is too large for a mailbox", metadata.len()),
-                })
-            }
-            Ok(_) => std::fs::read(&self.path).map_err(|source| Error::Io {
-                what: "reading a mailbox",
-                path: self.path.clone(),
-                source,
-            })?,
-        };
-        decode(&bytes)
-            .map(Some)
-            .map_err(|reason| Error::CorruptMailbox {
-                path: self.path.clone(),
-                reason,
-            })
+    pub fn current(&self) -> MailboxState {
+        self.state.lock().clone()
     }
 
-    /// Replace the mailbox durably with `state`.
-    pub fn write(&self, state: &MailboxState) -> Result<()> {
-        let io = |what: &'static str| {
-            let path = self.path.clone();
-            move |source| Error::Io { what, path, source }
-        };
-        let dir = self.path.parent().expect("a mailbox path has a directory");
-        std::fs::create_dir_all(dir).map_err(io("creating the mailbox directory"))?;
-        let temporary = self.path.with_extension("mailbox.tmp");
-        let mut file = std::fs::File::create(&temporary).map_err(io("creating a mailbox"))?;
-        let mut text = serde_json::to_vec_pretty(state).expect("a mailbox state serializes");
-        text.push(b'\n');
-        file.write_all(&text).map_err(io("writing a mailbox"))?;
-        file.sync_all().map_err(io("syncing a mailbox"))?;
-        std::fs::rename(&temporary, &self.path).map_err(io("replacing a mailbox"))?;
-        std::fs::File::open(dir)
-            .and_then(|d| d.sync_all())
-            .map_err(io("syncing the mailbox directory"))?;
+    /// Change the state and write it durably. Updates are serialized: the
+    /// file always holds the latest.
+    pub fn update(&self, change: impl FnOnce(&mut MailboxState)) -> Result<()> {
+        let mut state = self.state.lock();
+        let mut next = state.clone();
+        change(&mut next);
+        next.updated_unix_ms = now_unix_ms();
+        let mut bytes = serde_json::to_vec_pretty(&next).expect("a mailbox state serializes");
+        bytes.push(b'\n');
+        write_atomically(&self.path, &bytes)?;
+        *state = next;
         Ok(())
     }
+}
+
+/// Read node `node_id`'s mailbox, or `None` if it never wrote one.
+pub fn read(aggregate_dir: &Path, node_id: u32) -> Result<Option<MailboxState>> {
+    let path = mailbox_path(aggregate_dir, node_id);
+    let Some(bytes) = read_small(&path, MAILBOX_MAX_BYTES)? else {
+        return Ok(None);
+    };
+    decode(&bytes)
+        .map(Some)
+        .map_err(|reason| Error::Corrupt { path, reason })
 }
 
 /// Decode a mailbox's bytes; `Err` says what is wrong.
@@ -127,22 +135,37 @@ pub fn now_unix_ms() -> u64 {
 mod tests {
     use super::*;
 
+    fn state() -> MailboxState {
+        MailboxState {
+            format_version: MAILBOX_FORMAT_VERSION,
+            node_id: 1,
+            heartbeat_seq: 0,
+            state: "starting".into(),
+            mirror_in_sync: false,
+            out_of_sync_reason: Some("partner unreachable".into()),
+            nbd_listen: "127.0.0.1:10809".into(),
+            volumes: vec![VolumeInfo {
+                name: "vol0".into(),
+                size_bytes: 1 << 20,
+            }],
+            half_bytes: 1 << 20,
+            updated_unix_ms: 5,
+        }
+    }
+
     #[test]
     fn round_trip_and_corruption() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let mailbox = Mailbox::new(dir.path(), 1);
-        assert_eq!(mailbox.read().expect("read"), None);
-        let state = MailboxState {
-            format_version: MAILBOX_FORMAT_VERSION,
-            node_id: 1,
-            mirror_in_sync: false,
-            out_of_sync_reason: Some("partner unreachable".into()),
-            updated_unix_ms: 5,
-        };
-        mailbox.write(&state).expect("write");
-        assert_eq!(mailbox.read().expect("read"), Some(state));
+        assert_eq!(read(dir.path(), 1).expect("read"), None);
+        let mailbox = Mailbox::new(dir.path(), state());
+        mailbox.update(|s| s.heartbeat_seq = 7).expect("write");
+        let read_back = read(dir.path(), 1).expect("read").expect("written");
+        assert_eq!(read_back.heartbeat_seq, 7);
+        assert_eq!(read_back, mailbox.current());
         std::fs::write(mailbox.path(), b"{ not json").expect("write");
-        assert!(matches!(mailbox.read(), Err(Error::CorruptMailbox { .. })));
-        assert!(decode(br#"{"format_version":9,"node_id":1,"mirror_in_sync":true,"out_of_sync_reason":null,"updated_unix_ms":0}"#).is_err());
+        assert!(matches!(read(dir.path(), 1), Err(Error::Corrupt { .. })));
+        let mut future = serde_json::to_value(state()).expect("json");
+        future["format_version"] = 9.into();
+        assert!(decode(future.to_string().as_bytes()).is_err());
     }
 }

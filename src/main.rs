@@ -42,11 +42,77 @@ enum Command {
         #[arg(long)]
         seed: Option<u64>,
     },
+    /// Show what a node says about the pair: states, mirror, ownership, log.
+    Status {
+        #[command(flatten)]
+        target: AdminTarget,
+        /// Print the raw JSON document.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Ask a node to take over its partner's volumes now.
+    Takeover {
+        #[command(flatten)]
+        target: AdminTarget,
+        /// Even from an out-of-sync mirror: writes the mirror lacks are lost.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Ask the node holding its partner's volumes to hand them back.
+    Giveback {
+        #[command(flatten)]
+        target: AdminTarget,
+    },
     /// Inspect a node's NVLog.
     Nvlog {
         #[command(subcommand)]
         command: NvlogCommand,
     },
+}
+
+/// Which node's admin endpoint to talk to.
+#[derive(Debug, clap::Args)]
+struct AdminTarget {
+    /// The node's config (its `ha.admin_listen`).
+    #[arg(long, conflicts_with = "admin")]
+    config: Option<PathBuf>,
+    /// The admin endpoint's address.
+    #[arg(long)]
+    admin: Option<std::net::SocketAddr>,
+}
+
+impl AdminTarget {
+    fn address(&self) -> Result<std::net::SocketAddr, Box<dyn std::error::Error>> {
+        if let Some(addr) = self.admin {
+            return Ok(addr);
+        }
+        let Some(path) = &self.config else {
+            return Err("say which node: --config FILE or --admin ADDRESS".into());
+        };
+        let config = Config::load(path)?;
+        config.ha.admin_listen.ok_or_else(|| {
+            format!(
+                "{} has no ha.admin_listen: the node has no admin endpoint",
+                path.display()
+            )
+            .into()
+        })
+    }
+}
+
+const ADMIN_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(120);
+
+fn admin_action(
+    target: &AdminTarget,
+    action: &str,
+    path: &str,
+) -> Result<(), Box<dyn std::error::Error>> {
+    let (status, body) = nvmirror::admin::request(target.address()?, "POST", path, ADMIN_TIMEOUT)?;
+    print!("{}", nvmirror::admin::render_action(action, status, &body));
+    if status != 200 {
+        return Err(format!("{action} refused").into());
+    }
+    Ok(())
 }
 
 #[derive(Debug, Subcommand)]
@@ -114,6 +180,37 @@ fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
                 return Err(format!("the demo found a problem; replay with --seed {seed}").into());
             }
         }
+        Command::Status { target, json } => {
+            let (status, body) =
+                nvmirror::admin::request(target.address()?, "GET", "/status", ADMIN_TIMEOUT)?;
+            if status != 200 {
+                return Err(format!("status: HTTP {status}: {body}").into());
+            }
+            if json {
+                print!("{body}");
+            } else {
+                let document: serde_json::Value = serde_json::from_str(&body)?;
+                print!("{}", nvmirror::admin::render_status(&document));
+            }
+        }
+        Command::Takeover { target, force } => {
+            if force {
+                eprintln!(
+                    "warning: a forced takeover uses the partner's mirror even if it is out of sync; \
+                     writes the partner acknowledged after the mirror fell behind are lost"
+                );
+            }
+            admin_action(
+                &target,
+                "takeover",
+                if force {
+                    "/takeover?force=true"
+                } else {
+                    "/takeover"
+                },
+            )?;
+        }
+        Command::Giveback { target } => admin_action(&target, "giveback", "/giveback")?,
         Command::Nvlog {
             command: NvlogCommand::Dump { file, area, limit },
         } => {

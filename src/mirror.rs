@@ -29,7 +29,7 @@ use interconnect::{
 use parking_lot::{Condvar, Mutex};
 
 use crate::error::Result;
-use crate::mailbox::{now_unix_ms, Mailbox, MailboxState, MAILBOX_FORMAT_VERSION};
+use crate::mailbox::Mailbox;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[repr(u8)]
@@ -64,7 +64,6 @@ const HEADER_POST_TIMEOUT: Duration = Duration::from_secs(5);
 
 #[derive(Debug)]
 pub struct Mirror {
-    node_id: u32,
     partner: SocketAddr,
     tcp: TcpConfig,
     slots: usize,
@@ -74,28 +73,32 @@ pub struct Mirror {
     queue: Mutex<Option<Arc<SendQueue>>>,
     /// A `Link`, changed to InSync or Resyncing only under the log's order lock.
     link: AtomicU8,
-    mailbox: Mailbox,
+    mailbox: Arc<Mailbox>,
     /// The mailbox durably says "out of sync".
     marked_out_of_sync: AtomicBool,
-    mailbox_lock: Mutex<()>,
+    /// Serializes marking and clearing "out of sync".
+    mark_lock: Mutex<()>,
     /// Wakes the connector when the link goes down or the node stops.
     wake: (Mutex<bool>, Condvar),
+    /// Whether this node's log is live and should be mirrored (not while it
+    /// waits for a giveback or is fenced).
+    enabled: AtomicBool,
+    /// An interconnect cut (operator or drill) keeps the connector idle
+    /// until then.
+    paused_until: Mutex<Option<std::time::Instant>>,
 }
 
 impl Mirror {
-    #[allow(clippy::too_many_arguments)]
     pub fn new(
-        node_id: u32,
         partner: SocketAddr,
         tcp: TcpConfig,
         slots: usize,
         local_log: SharedMemory,
-        mailbox: Mailbox,
+        mailbox: Arc<Mailbox>,
         events: Sender<ControlEvent>,
     ) -> Mirror {
         let log_len_bytes = local_log.len() as u64;
         Mirror {
-            node_id,
             partner,
             tcp,
             slots,
@@ -106,16 +109,55 @@ impl Mirror {
             link: AtomicU8::new(Link::Down as u8),
             mailbox,
             marked_out_of_sync: AtomicBool::new(false),
-            mailbox_lock: Mutex::new(()),
+            mark_lock: Mutex::new(()),
             wake: (Mutex::new(false), Condvar::new()),
+            enabled: AtomicBool::new(false),
+            paused_until: Mutex::new(None),
         }
+    }
+
+    /// Mirror this node's log (or stop: the session is closed).
+    pub fn set_enabled(&self, enabled: bool) {
+        self.enabled.store(enabled, Ordering::Release);
+        if !enabled {
+            self.disconnect("mirroring disabled");
+        }
+        self.wake_connector();
+    }
+
+    /// Cut the interconnect for `duration`: the session is closed and no
+    /// new one is made until then.
+    pub fn cut(&self, duration: Duration) {
+        *self.paused_until.lock() = Some(std::time::Instant::now() + duration);
+        self.disconnect("interconnect cut");
+    }
+
+    fn disconnect(&self, why: &str) {
+        if let Some(queue) = self.queue() {
+            queue.disconnect();
+        }
+        self.link_down(why);
+    }
+
+    fn may_connect(&self) -> bool {
+        let paused = self
+            .paused_until
+            .lock()
+            .is_some_and(|until| std::time::Instant::now() < until);
+        self.enabled.load(Ordering::Acquire) && !paused
+    }
+
+    fn wake_connector(&self) {
+        let (flag, condvar) = &self.wake;
+        *flag.lock() = true;
+        condvar.notify_all();
     }
 
     pub fn link(&self) -> Link {
         Link::from_u8(self.link.load(Ordering::Acquire))
     }
 
-    pub fn mailbox(&self) -> &Mailbox {
+    pub fn mailbox(&self) -> &Arc<Mailbox> {
         &self.mailbox
     }
 
@@ -171,16 +213,13 @@ impl Mirror {
         if self.marked_out_of_sync.load(Ordering::Acquire) {
             return Ok(());
         }
-        let _mailbox = self.mailbox_lock.lock();
+        let _mark = self.mark_lock.lock();
         if self.marked_out_of_sync.load(Ordering::Acquire) {
             return Ok(());
         }
-        self.mailbox.write(&MailboxState {
-            format_version: MAILBOX_FORMAT_VERSION,
-            node_id: self.node_id,
-            mirror_in_sync: false,
-            out_of_sync_reason: Some(reason.to_owned()),
-            updated_unix_ms: now_unix_ms(),
+        self.mailbox.update(|state| {
+            state.mirror_in_sync = false;
+            state.out_of_sync_reason = Some(reason.to_owned());
         })?;
         self.marked_out_of_sync.store(true, Ordering::Release);
         tracing::warn!(reason, mailbox = %self.mailbox.path().display(), "mirror marked out of sync");
@@ -216,17 +255,14 @@ impl Mirror {
         if previous != Link::Down {
             tracing::warn!(partner = %self.partner, why, "mirror link down");
         }
-        let (flag, condvar) = &self.wake;
-        *flag.lock() = true;
-        condvar.notify_all();
+        self.wake_connector();
     }
 
     /// Stop the connector and close the session.
     pub fn stop(&self) {
+        self.enabled.store(false, Ordering::Release);
         self.link.store(Link::Down as u8, Ordering::Release);
-        let (flag, condvar) = &self.wake;
-        *flag.lock() = true;
-        condvar.notify_all();
+        self.wake_connector();
     }
 
     /// Slots in use, for metrics.
@@ -239,7 +275,7 @@ impl Mirror {
     pub fn run_connector(&self, log: &nvlog::Log, stopping: &AtomicBool) {
         let mut backoff = Duration::from_millis(100);
         while !stopping.load(Ordering::Acquire) {
-            if self.link() == Link::Down {
+            if self.link() == Link::Down && self.may_connect() {
                 match self.connect_and_resync(log) {
                     Ok(()) => backoff = Duration::from_millis(100),
                     Err(error) => {
@@ -303,13 +339,10 @@ impl Mirror {
             if self.link() != Link::Resyncing {
                 return Ok(false);
             }
-            let _mailbox = self.mailbox_lock.lock();
-            self.mailbox.write(&MailboxState {
-                format_version: MAILBOX_FORMAT_VERSION,
-                node_id: self.node_id,
-                mirror_in_sync: true,
-                out_of_sync_reason: None,
-                updated_unix_ms: now_unix_ms(),
+            let _mark = self.mark_lock.lock();
+            self.mailbox.update(|state| {
+                state.mirror_in_sync = true;
+                state.out_of_sync_reason = None;
             })?;
             self.marked_out_of_sync.store(false, Ordering::Release);
             self.link.store(Link::InSync as u8, Ordering::Release);

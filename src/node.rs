@@ -1,5 +1,6 @@
 //! The storage node: its NVRAM, log, volumes and mirror, the write and read
-//! paths, consistency points and local recovery.
+//! paths, consistency points and local recovery. HA (who serves which
+//! volumes, takeover, giveback) is in [`crate::ha`].
 //!
 //! # The write path
 //!
@@ -12,21 +13,24 @@
 //! 3. Wait: placed in the partner's mirror while the link is in sync
 //!    (group completion), else "out of sync" in the mailbox and local
 //!    persistence (group commit). `durability = "persist"`, FUA and FLUSH
-//!    also wait for local persistence.
+//!    also wait for local persistence. Last, the volume's fence: a node
+//!    that lost its volumes to a takeover acknowledges nothing more.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use interconnect::{MirrorReceiver, PresharedKey, TcpConfig};
+use crossbeam_channel::Sender;
+use interconnect::{ControlEvent, MirrorReceiver, PresharedKey, TcpConfig};
 use nvlog::{Geometry, HalfState, Log, RecordData, RecordKind, Region, Scanner};
-use parking_lot::{Condvar, Mutex};
+use parking_lot::{Condvar, Mutex, RwLock};
 
 use crate::config::{Config, Durability};
 use crate::error::{Error, Result};
 use crate::extents::Source;
-use crate::mailbox::Mailbox;
+use crate::ha::Ha;
+use crate::mailbox::{Mailbox, MailboxState, VolumeInfo, MAILBOX_FORMAT_VERSION};
 use crate::mirror::{Link, Mirror};
 use crate::sys::area_memory;
 use crate::volume::Volume;
@@ -43,6 +47,7 @@ pub struct Stats {
     pub checkpoint_us_total: AtomicU64,
     pub acks_mirrored: AtomicU64,
     pub acks_persisted: AtomicU64,
+    pub write_errors: AtomicU64,
 }
 
 /// What wakes the consistency-point thread.
@@ -57,16 +62,26 @@ pub struct NodeInner {
     pub config: Config,
     pub region: Arc<Region>,
     pub log: Log,
-    pub volumes: Vec<Arc<Volume>>,
+    /// The volumes this node serves: its own, and its partner's after a
+    /// takeover.
+    volumes: RwLock<Vec<Arc<Volume>>>,
     pub mirror: Mirror,
+    pub mailbox: Arc<Mailbox>,
     pub stats: Stats,
+    /// Write latency in microseconds, for metrics.
+    pub write_latency_us: crate::admin::Histogram,
+    pub ha: Ha,
     cp_signal: Mutex<CpSignal>,
     cp_wake: Condvar,
     /// Set when durability can no longer be promised (a failed fsync or
     /// msync); every later write fails.
     failed: Mutex<Option<String>>,
     stopping: AtomicBool,
+    /// Where the partner mirrors its log into ours; down while this node
+    /// replays that mirror after a takeover.
     receiver: Mutex<Option<MirrorReceiver>>,
+    tcp: TcpConfig,
+    events: Sender<ControlEvent>,
 }
 
 /// A running node. Dropping it without [`Node::shutdown`] stops the threads
@@ -78,8 +93,9 @@ pub struct Node {
 }
 
 impl Node {
-    /// Open the NVRAM and volumes, recover the log onto the volumes, start
-    /// mirroring and consistency points. Serving is up to the caller.
+    /// Open the NVRAM, find out which volumes this node serves, recover the
+    /// log onto them, start mirroring, consistency points and the HA
+    /// monitor. Serving NBD is up to the caller.
     pub fn start(config: Config) -> Result<Node> {
         let span = tracing::info_span!("node_start", node_id = config.node_id);
         let _entered = span.enter();
@@ -95,17 +111,6 @@ impl Node {
             geometry,
         )?);
         let (log, _recovery) = Log::open(region.clone())?;
-        let volume_dir = config
-            .aggregate_dir
-            .join(format!("node-{}", config.node_id));
-        let volumes = config
-            .volumes
-            .iter()
-            .enumerate()
-            .map(|(index, volume)| {
-                Volume::open(&volume_dir, index as u32, &volume.name, volume.size.0).map(Arc::new)
-            })
-            .collect::<Result<Vec<_>>>()?;
 
         // Checked by Config::validate; a key file changed since is refused here.
         let key = PresharedKey::new(config.key_bytes()?)?;
@@ -114,68 +119,94 @@ impl Node {
         tcp.heartbeat_interval_ms = config.interconnect.heartbeat_interval_ms;
         tcp.silence_timeout_ms = config.interconnect.heartbeat_timeout_ms;
         let (events_tx, events_rx) = crossbeam_channel::unbounded();
-        let mailbox = Mailbox::new(&config.aggregate_dir, config.node_id);
+        let mailbox = Arc::new(Mailbox::new(
+            &config.aggregate_dir,
+            MailboxState {
+                format_version: MAILBOX_FORMAT_VERSION,
+                node_id: config.node_id,
+                heartbeat_seq: 0,
+                state: "starting".into(),
+                mirror_in_sync: false,
+                out_of_sync_reason: Some(
+                    "node starting: the mirror is resynced after connecting".into(),
+                ),
+                nbd_listen: config.nbd.listen.to_string(),
+                volumes: config
+                    .volumes
+                    .iter()
+                    .map(|v| VolumeInfo {
+                        name: v.name.clone(),
+                        size_bytes: v.size.0,
+                    })
+                    .collect(),
+                half_bytes: config.nvram.half_size.0,
+                updated_unix_ms: 0,
+            },
+        ));
         let mirror = Mirror::new(
-            config.node_id,
             config.interconnect.partner,
             tcp.clone(),
             config.interconnect.slots,
             area_memory(&region, region.local_log()),
-            mailbox,
+            mailbox.clone(),
             events_tx.clone(),
         );
         let inner = Arc::new(NodeInner {
             config,
-            region: region.clone(),
+            region,
             log,
-            volumes,
+            volumes: RwLock::new(Vec::new()),
             mirror,
+            mailbox,
             stats: Stats::default(),
+            write_latency_us: crate::admin::Histogram::latency_us(),
+            ha: Ha::new(),
             cp_signal: Mutex::new(CpSignal::default()),
             cp_wake: Condvar::new(),
             failed: Mutex::new(None),
             stopping: AtomicBool::new(false),
             receiver: Mutex::new(None),
+            tcp,
+            events: events_tx,
         });
 
         // Until the partner's mirror is resynced, it cannot be trusted.
-        inner
-            .mirror
-            .mark_out_of_sync("node starting: the mirror is resynced after connecting")?;
-        inner.recover_onto_volumes()?;
+        inner.mailbox.update(|_| {})?;
+        crate::ha::boot(&inner)?;
 
-        let receiver = MirrorReceiver::bind(
-            inner.config.interconnect.listen,
-            &tcp,
-            area_memory(&region, region.mirror()),
-            Some(events_tx),
-        )?;
-        *inner.receiver.lock() = Some(receiver);
-
-        let mut threads = Vec::new();
-        threads.push(spawn("cp", {
-            let inner = inner.clone();
-            move || inner.run_checkpoints()
-        }));
-        threads.push(spawn("mirror-connect", {
-            let inner = inner.clone();
-            move || inner.mirror.run_connector(&inner.log, &inner.stopping)
-        }));
-        threads.push(spawn("ic-events", {
-            let inner = inner.clone();
-            move || {
-                while !inner.stopping.load(Ordering::Acquire) {
-                    match events_rx.recv_timeout(Duration::from_millis(200)) {
-                        Ok(event) => inner.on_interconnect_event(event),
-                        Err(crossbeam_channel::RecvTimeoutError::Timeout) => {}
-                        Err(crossbeam_channel::RecvTimeoutError::Disconnected) => break,
+        let mut threads = vec![
+            spawn("cp", {
+                let inner = inner.clone();
+                move || inner.run_checkpoints()
+            }),
+            spawn("mirror-connect", {
+                let inner = inner.clone();
+                move || inner.mirror.run_connector(&inner.log, &inner.stopping)
+            }),
+            spawn("ic-events", {
+                let inner = inner.clone();
+                move || {
+                    while !inner.stopping.load(Ordering::Acquire) {
+                        match events_rx.recv_timeout(Duration::from_millis(200)) {
+                            Ok(event) => inner.on_interconnect_event(event),
+                            Err(crossbeam_channel::RecvTimeoutError::Timeout) => {}
+                            Err(crossbeam_channel::RecvTimeoutError::Disconnected) => break,
+                        }
                     }
                 }
-            }
-        }));
+            }),
+            spawn("ha", {
+                let inner = inner.clone();
+                move || crate::ha::run_monitor(&inner)
+            }),
+        ];
+        if inner.ha.replay_pending() {
+            threads.push(crate::ha::spawn_replay(&inner));
+        }
         tracing::info!(
             node_id = inner.config.node_id,
-            volumes = inner.volumes.len(),
+            volumes = inner.volumes().len(),
+            role = inner.ha.role().as_str(),
             mode = inner.region.mode().as_str(),
             "node started"
         );
@@ -193,7 +224,13 @@ impl Node {
     pub fn shutdown(&self) -> Result<()> {
         let span = tracing::info_span!("node_shutdown", node_id = self.inner.config.node_id);
         let _entered = span.enter();
-        let result = self.inner.checkpoint_everything();
+        let result = if self.inner.ha.role() == crate::ha::Role::Serving
+            || self.inner.ha.holding_partner()
+        {
+            self.inner.checkpoint_everything()
+        } else {
+            Ok(())
+        };
         self.stop_threads();
         result
     }
@@ -201,6 +238,7 @@ impl Node {
     fn stop_threads(&self) {
         self.inner.stopping.store(true, Ordering::Release);
         self.inner.mirror.stop();
+        self.inner.ha.wake();
         {
             let mut signal = self.inner.cp_signal.lock();
             signal.stopping = true;
@@ -209,9 +247,8 @@ impl Node {
         for thread in self.threads.lock().drain(..) {
             let _ = thread.join();
         }
-        if let Some(mut receiver) = self.inner.receiver.lock().take() {
-            receiver.shutdown();
-        }
+        crate::ha::stop_partner_listener(&self.inner);
+        self.inner.shutdown_receiver();
     }
 }
 
@@ -223,7 +260,7 @@ impl Drop for Node {
 
 /// Where the bytes of a record of `kind` whose payload starts at region
 /// offset `payload_at` are.
-fn source_of(kind: RecordKind, payload_at: u64) -> Source {
+pub(crate) fn source_of(kind: RecordKind, payload_at: u64) -> Source {
     match kind {
         RecordKind::Write => Source::Region { offset: payload_at },
         RecordKind::WriteZeroes => Source::Zero,
@@ -231,7 +268,7 @@ fn source_of(kind: RecordKind, payload_at: u64) -> Source {
     }
 }
 
-fn spawn(name: &str, body: impl FnOnce() + Send + 'static) -> JoinHandle<()> {
+pub(crate) fn spawn(name: &str, body: impl FnOnce() + Send + 'static) -> JoinHandle<()> {
     std::thread::Builder::new()
         .name(name.to_owned())
         .spawn(body)
@@ -239,12 +276,44 @@ fn spawn(name: &str, body: impl FnOnce() + Send + 'static) -> JoinHandle<()> {
 }
 
 impl NodeInner {
-    pub fn volume(&self, index: usize) -> &Arc<Volume> {
-        &self.volumes[index]
+    /// Every volume served here.
+    pub fn volumes(&self) -> Vec<Arc<Volume>> {
+        self.volumes.read().clone()
     }
 
-    pub fn volume_index(&self, name: &str) -> Option<usize> {
-        self.volumes.iter().position(|volume| volume.name == name)
+    pub fn volume_by_name(&self, name: &str) -> Option<Arc<Volume>> {
+        self.volumes.read().iter().find(|v| v.name == name).cloned()
+    }
+
+    pub fn volume_by_id(&self, id: u32) -> Option<Arc<Volume>> {
+        self.volumes.read().iter().find(|v| v.id == id).cloned()
+    }
+
+    /// Serve these volumes from now on.
+    pub(crate) fn attach_volumes(&self, volumes: Vec<Arc<Volume>>) {
+        let mut served = self.volumes.write();
+        for volume in volumes {
+            assert!(
+                served
+                    .iter()
+                    .all(|v| v.id != volume.id && v.name != volume.name),
+                "volume {} attached twice (volume names must be unique across the pair)",
+                volume.name
+            );
+            served.push(volume);
+        }
+    }
+
+    /// Stop serving node `set`'s volumes; returns them.
+    pub(crate) fn detach_set(&self, set: u32) -> Vec<Arc<Volume>> {
+        let mut served = self.volumes.write();
+        let (gone, kept): (Vec<_>, Vec<_>) = served.drain(..).partition(|v| v.set == set);
+        *served = kept;
+        gone
+    }
+
+    pub fn is_stopping(&self) -> bool {
+        self.stopping.load(Ordering::Acquire)
     }
 
     fn check_range(&self, volume: &Volume, offset: u64, len: u64) -> Result<()> {
@@ -271,42 +340,58 @@ impl NodeInner {
         }
     }
 
+    pub fn failure(&self) -> Option<String> {
+        self.failed.lock().clone()
+    }
+
     fn fail(&self, reason: String) {
         tracing::error!(%reason, "node failed: no further writes are accepted");
         self.failed.lock().get_or_insert(reason);
     }
 
-    /// Write `data` at `offset` of volume `index`.
-    pub fn write(&self, index: usize, offset: u64, data: &[u8], fua: bool) -> Result<()> {
-        let volume = self.volume(index).clone();
-        self.check_range(&volume, offset, data.len() as u64)?;
-        let max = self.log.max_payload_len();
-        let mut last = None;
-        for (chunk_index, chunk) in data.chunks(max.max(1)).enumerate() {
-            let chunk_offset = offset + (chunk_index * max) as u64;
-            last = Some(self.log_one(&volume, RecordData::write(volume.id, chunk_offset, chunk))?);
+    /// Write `data` at `offset` of `volume`.
+    pub fn write(&self, volume: &Arc<Volume>, offset: u64, data: &[u8], fua: bool) -> Result<()> {
+        let started = Instant::now();
+        self.check_range(volume, offset, data.len() as u64)?;
+        let result = (|| {
+            let max = self.log.max_payload_len();
+            let mut last = None;
+            for (chunk_index, chunk) in data.chunks(max.max(1)).enumerate() {
+                let chunk_offset = offset + (chunk_index * max) as u64;
+                last =
+                    Some(self.log_one(volume, RecordData::write(volume.id, chunk_offset, chunk))?);
+            }
+            match last {
+                Some((lsn, posted)) => self.settle(volume, lsn, posted, fua),
+                None => Ok(()),
+            }
+        })();
+        match &result {
+            Ok(()) => {
+                self.stats.writes.fetch_add(1, Ordering::Relaxed);
+                self.stats
+                    .write_bytes
+                    .fetch_add(data.len() as u64, Ordering::Relaxed);
+                self.write_latency_us
+                    .observe(started.elapsed().as_micros() as u64);
+            }
+            Err(_) => {
+                self.stats.write_errors.fetch_add(1, Ordering::Relaxed);
+            }
         }
-        if let Some((lsn, posted)) = last {
-            self.settle(lsn, posted, fua)?;
-        }
-        self.stats.writes.fetch_add(1, Ordering::Relaxed);
-        self.stats
-            .write_bytes
-            .fetch_add(data.len() as u64, Ordering::Relaxed);
-        Ok(())
+        result
     }
 
     /// Zero `len` bytes at `offset`; `trim` also lets the space go.
     pub fn write_zeroes(
         &self,
-        index: usize,
+        volume: &Arc<Volume>,
         offset: u64,
         len: u64,
         trim: bool,
         fua: bool,
     ) -> Result<()> {
-        let volume = self.volume(index).clone();
-        self.check_range(&volume, offset, len)?;
+        self.check_range(volume, offset, len)?;
         if len == 0 {
             return Ok(());
         }
@@ -315,8 +400,8 @@ impl NodeInner {
         } else {
             RecordData::write_zeroes(volume.id, offset, len)
         };
-        let (lsn, posted) = self.log_one(&volume, data)?;
-        self.settle(lsn, posted, fua)
+        let (lsn, posted) = self.log_one(volume, data)?;
+        self.settle(volume, lsn, posted, fua)
     }
 
     /// Suspendable phase and modify phase of one record; returns its LSN
@@ -327,17 +412,27 @@ impl NodeInner {
         data: RecordData<'_>,
     ) -> Result<(u64, Option<interconnect::WriteId>)> {
         self.check_not_failed()?;
+        volume.fence.check()?;
+        // Held from here to the append: a giveback closes the gate only
+        // when no write to the volume is between its check and its append.
+        let gate = volume.write_gate.read();
+        if !*gate {
+            return Err(Error::NoSuchVolume {
+                name: volume.name.clone(),
+            });
+        }
         let log_reservation = self.log.reserve(data.payload.len())?;
         let mut mirror_reservation = self.mirror.reserve(log_reservation.len_bytes());
         let local_log = self.region.local_log().offset;
         let (lsn, posted, closed) = self.log.append_then(log_reservation, &data, |appended| {
             let payload_at =
                 local_log + appended.range.start + nvlog::record::RECORD_HEADER_BYTES as u64;
-            let source = source_of(data.kind, payload_at);
-            volume
-                .extents
-                .lock()
-                .insert(data.offset, data.extent_len, appended.lsn, source);
+            volume.extents.lock().insert(
+                data.offset,
+                data.extent_len,
+                appended.lsn,
+                source_of(data.kind, payload_at),
+            );
             let posted = self.mirror.post(
                 mirror_reservation.as_mut(),
                 appended.header_range.clone(),
@@ -345,6 +440,7 @@ impl NodeInner {
             );
             (appended.lsn, posted, appended.closed_half)
         })?;
+        drop(gate);
         if closed.is_some() || self.over_threshold() {
             self.kick_checkpoint();
         }
@@ -352,12 +448,19 @@ impl NodeInner {
     }
 
     /// The wait phase: acknowledge only once the record is safe in two
-    /// failure domains.
-    fn settle(&self, lsn: u64, posted: Option<interconnect::WriteId>, fua: bool) -> Result<()> {
+    /// failure domains, and only while this node still owns the volume.
+    fn settle(
+        &self,
+        volume: &Volume,
+        lsn: u64,
+        posted: Option<interconnect::WriteId>,
+        fua: bool,
+    ) -> Result<()> {
         if self.mirror.placed_in_sync(posted) {
             if fua || self.config.durability == Durability::Persist {
                 self.log.persist(lsn)?;
             }
+            volume.fence.check()?;
             self.stats.acks_mirrored.fetch_add(1, Ordering::Relaxed);
             return Ok(());
         }
@@ -368,6 +471,7 @@ impl NodeInner {
         self.log
             .persist(lsn)
             .inspect_err(|error| self.fail(error.to_string()))?;
+        volume.fence.check()?;
         self.stats.acks_persisted.fetch_add(1, Ordering::Relaxed);
         Ok(())
     }
@@ -386,9 +490,14 @@ impl NodeInner {
     }
 
     /// Read `buf.len()` bytes at `offset`: the dirty map first, then the file.
-    pub fn read(&self, index: usize, offset: u64, buf: &mut [u8]) -> Result<()> {
-        let volume = self.volume(index);
+    pub fn read(&self, volume: &Volume, offset: u64, buf: &mut [u8]) -> Result<()> {
         self.check_range(volume, offset, buf.len() as u64)?;
+        if volume.fence.is_tripped() {
+            return Err(Error::Fenced {
+                volumes_of: volume.set,
+                epoch: volume.fence.epoch(),
+            });
+        }
         let end = offset + buf.len() as u64;
         let mut gaps = Vec::new();
         {
@@ -410,8 +519,8 @@ impl NodeInner {
                 gaps.push(cursor..end);
             }
         }
-        // Gaps have no newer data in any log; a consistency point only
-        // removes an extent after its bytes are in the file.
+        // Gaps have no newer data in any log; a consistency point or the
+        // replay removes an extent only after its bytes are in the file.
         for gap in gaps {
             let at = (gap.start - offset) as usize;
             volume.read_file(gap.start, &mut buf[at..at + (gap.end - gap.start) as usize])?;
@@ -420,6 +529,7 @@ impl NodeInner {
         self.stats
             .read_bytes
             .fetch_add(buf.len() as u64, Ordering::Relaxed);
+        self.ha.note_read_served();
         Ok(())
     }
 
@@ -452,9 +562,18 @@ impl NodeInner {
                 signal.kicked = false;
             }
             let timer_due = last_cp.elapsed() >= interval;
-            if let Err(error) = self.checkpoint_step(timer_due) {
-                self.fail(format!("consistency point failed: {error}"));
-                return;
+            match self.checkpoint_step(timer_due) {
+                Ok(()) => {}
+                Err(Error::Fenced { volumes_of, .. }) => {
+                    // The records for the fenced volumes stay in the log; the
+                    // new owner has them from its mirror.
+                    tracing::warn!(volumes_of, "consistency point stopped: fenced");
+                    crate::ha::on_fenced(self);
+                }
+                Err(error) => {
+                    self.fail(format!("consistency point failed: {error}"));
+                    return;
+                }
             }
             if timer_due {
                 last_cp = Instant::now();
@@ -465,6 +584,9 @@ impl NodeInner {
     /// Flush closed halves; close the filling one when the timer or the
     /// threshold says so.
     fn checkpoint_step(&self, timer_due: bool) -> Result<()> {
+        if crate::ha::log_is_stale(self) {
+            return Ok(());
+        }
         self.flush_closed_halves()?;
         let status = self.log.status();
         let filling_used = status.halves[status.filling].used_bytes;
@@ -489,7 +611,8 @@ impl NodeInner {
         }
     }
 
-    /// Flush everything logged: both halves (shutdown, after recovery).
+    /// Flush everything logged: both halves (shutdown, after recovery,
+    /// before a giveback).
     pub fn checkpoint_everything(&self) -> Result<()> {
         self.flush_closed_halves()?;
         if let Some(half) = self.log.switch_half() {
@@ -516,7 +639,8 @@ impl NodeInner {
         if status.last_lsn != 0 {
             let lsns = status.first_lsn..status.last_lsn + 1;
             let mut buffer = Vec::new();
-            for volume in &self.volumes {
+            for volume in self.volumes() {
+                let _file = volume.file_lock.lock();
                 let pieces = volume.extents.lock().written_by(lsns.clone());
                 if pieces.is_empty() {
                     continue;
@@ -540,10 +664,14 @@ impl NodeInner {
         // flight; the half is reused only once they are placed.
         self.mirror.wait_all_placed();
         if status.last_lsn != 0 {
-            for volume in &self.volumes {
+            for volume in self.volumes() {
                 volume.extents.lock().remove_through(status.last_lsn);
             }
         }
+        // After a takeover, the index must forget mirror extents that writes
+        // in this half replaced, before the half (and so those writes' only
+        // record outside the files) is freed.
+        crate::ha::save_index_if_holding(self)?;
         let update = self.log.free_half(half)?;
         self.mirror.post_header(update.range);
         let elapsed_us = started.elapsed().as_micros() as u64;
@@ -559,19 +687,19 @@ impl NodeInner {
     /// go into the dirty maps, then a consistency point writes them to the
     /// volumes. A crash during this is recovered the same way: the records
     /// stay in the log until their half is freed.
-    fn recover_onto_volumes(&self) -> Result<()> {
-        let span = tracing::info_span!("replay", node_id = self.config.node_id);
+    pub(crate) fn recover_onto_volumes(&self) -> Result<()> {
+        let span = tracing::info_span!("replay", node_id = self.config.node_id, log = "local");
         let _entered = span.enter();
         let image = self.log.live_image();
         let local_log = self.region.local_log().offset;
         let mut records = 0u64;
         for record in Scanner::new(&image)? {
             let header = record.header;
-            let Some(volume) = self.volumes.get(header.volume as usize) else {
+            let Some(volume) = self.volume_by_id(header.volume) else {
                 tracing::error!(
                     volume = header.volume,
                     lsn = header.lsn,
-                    "log record for a volume no longer configured; skipped"
+                    "log record for a volume not served here; skipped"
                 );
                 continue;
             };
@@ -585,11 +713,12 @@ impl NodeInner {
             }
             let payload_at =
                 local_log + record.log_offset + nvlog::record::RECORD_HEADER_BYTES as u64;
-            let source = source_of(header.kind, payload_at);
-            volume
-                .extents
-                .lock()
-                .insert(header.offset, header.extent_len, header.lsn, source);
+            volume.extents.lock().insert(
+                header.offset,
+                header.extent_len,
+                header.lsn,
+                source_of(header.kind, payload_at),
+            );
             records += 1;
         }
         self.checkpoint_everything()?;
@@ -597,8 +726,8 @@ impl NodeInner {
         Ok(())
     }
 
-    fn on_interconnect_event(&self, event: interconnect::ControlEvent) {
-        use interconnect::{ControlEvent, Direction};
+    fn on_interconnect_event(&self, event: ControlEvent) {
+        use interconnect::Direction;
         match event {
             ControlEvent::Disconnected {
                 direction: Direction::Outbound,
@@ -624,5 +753,34 @@ impl NodeInner {
 
     pub fn link(&self) -> Link {
         self.mirror.link()
+    }
+
+    /// Start accepting the partner's mirror writes (idempotent).
+    pub(crate) fn bind_receiver(&self) -> Result<()> {
+        let mut receiver = self.receiver.lock();
+        if receiver.is_none() {
+            *receiver = Some(MirrorReceiver::bind(
+                self.config.interconnect.listen,
+                &self.tcp,
+                area_memory(&self.region, self.region.mirror()),
+                Some(self.events.clone()),
+            )?);
+        }
+        Ok(())
+    }
+
+    /// Stop accepting the partner's mirror writes and close its session.
+    pub(crate) fn shutdown_receiver(&self) {
+        if let Some(mut receiver) = self.receiver.lock().take() {
+            receiver.shutdown();
+        }
+    }
+
+    /// Whether the partner has a live session into our mirror.
+    pub(crate) fn receiver_connected(&self) -> bool {
+        self.receiver
+            .lock()
+            .as_ref()
+            .is_some_and(|r| r.session().is_some())
     }
 }

@@ -1,20 +1,37 @@
-//! A volume's backing file in the aggregate directory, and its dirty map.
+//! A volume's backing file in the aggregate directory, its dirty map, and
+//! the fence that keeps a stale owner off it.
 
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
-use parking_lot::Mutex;
+use parking_lot::{Mutex, RwLock};
 
 use crate::error::{Error, Result};
 use crate::extents::ExtentMap;
+use crate::ha::ownership::Fence;
+
+/// The id of volume `index` of node `set` in log records: unique across the
+/// pair, so a survivor logs writes to its partner's volumes in its own log.
+pub fn volume_id(set: u32, index: usize) -> u32 {
+    assert!(index < 1 << 16, "at most 65536 volumes per node");
+    (set << 16) | index as u32
+}
+
+/// The directory of node `set`'s volume files in the aggregate.
+pub fn volume_dir(aggregate_dir: &Path, set: u32) -> PathBuf {
+    aggregate_dir.join(format!("node-{set}"))
+}
 
 /// One volume: a sparse file of a fixed size, plus the extents of a log that
 /// are newer than the file.
 #[derive(Debug)]
 pub struct Volume {
-    /// Index in the owner's configuration: the volume id in log records.
+    /// The volume id in log records ([`volume_id`]).
     pub id: u32,
+    /// Whose volume it is (the node that owns it when both are up).
+    pub set: u32,
     pub name: String,
     pub size_bytes: u64,
     path: PathBuf,
@@ -22,13 +39,31 @@ pub struct Volume {
     /// Data logged but not yet in the file. Lock order: the log's order lock,
     /// then this.
     pub extents: Mutex<ExtentMap>,
+    /// Checked before every file write and every acknowledgement.
+    pub fence: Arc<Fence>,
+    /// Consistency points and the takeover replay write the file one at a
+    /// time, each from a snapshot of the extents taken under this lock, so a
+    /// replay never writes older data over what a consistency point wrote.
+    pub file_lock: Mutex<()>,
+    /// Whether writes are accepted. Writers hold it shared from their check
+    /// to their append; a giveback takes it exclusively to close the gate.
+    pub write_gate: RwLock<bool>,
 }
 
 impl Volume {
     /// Open (creating if missing) the backing file of a volume and make sure
     /// it has `size_bytes`. A file that exists with another size is refused:
     /// resizing a volume is an explicit operation, never a side effect.
-    pub fn open(dir: &Path, id: u32, name: &str, size_bytes: u64) -> Result<Volume> {
+    pub fn open(
+        aggregate_dir: &Path,
+        set: u32,
+        index: usize,
+        name: &str,
+        size_bytes: u64,
+        fence: Arc<Fence>,
+    ) -> Result<Volume> {
+        let dir = volume_dir(aggregate_dir, set);
+        let dir = dir.as_path();
         std::fs::create_dir_all(dir).map_err(|source| Error::Io {
             what: "creating the volume directory",
             path: dir.to_owned(),
@@ -68,12 +103,16 @@ impl Volume {
             });
         }
         Ok(Volume {
-            id,
+            id: volume_id(set, index),
+            set,
             name: name.to_owned(),
             size_bytes,
             path,
             file,
             extents: Mutex::new(ExtentMap::new()),
+            fence,
+            file_lock: Mutex::new(()),
+            write_gate: RwLock::new(true),
         })
     }
 
@@ -91,7 +130,9 @@ impl Volume {
             })
     }
 
+    /// Write to the file, if this node still owns the volume.
     pub fn write_file(&self, offset: u64, data: &[u8]) -> Result<()> {
+        self.fence.check()?;
         self.file
             .write_all_at(data, offset)
             .map_err(|source| Error::Io {
@@ -105,6 +146,7 @@ impl Volume {
     /// (trim), else keeping it allocated (write-zeroes).
     pub fn zero_file(&self, offset: u64, len: u64, release: bool) -> Result<()> {
         use nix::fcntl::{fallocate, FallocateFlags};
+        self.fence.check()?;
         use std::os::fd::AsRawFd;
         let mode = if release {
             FallocateFlags::FALLOC_FL_PUNCH_HOLE | FallocateFlags::FALLOC_FL_KEEP_SIZE

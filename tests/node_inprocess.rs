@@ -5,7 +5,6 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use nvmirror::config::Config;
-use nvmirror::mailbox::Mailbox;
 use nvmirror::mirror::Link;
 use nvmirror::node::Node;
 
@@ -83,14 +82,14 @@ fn pair_mirrors_marks_out_of_sync_and_resyncs() {
     wait_for("node 1 in sync", Duration::from_secs(10), || {
         a_inner.link() == Link::InSync
     });
-    let mailbox = Mailbox::new(&dir.path().join("aggregate"), 1);
-    assert!(
-        mailbox
-            .read()
+    let aggregate = dir.path().join("aggregate");
+    let mailbox = || {
+        nvmirror::mailbox::read(&aggregate, 1)
             .expect("mailbox")
             .expect("written")
-            .mirror_in_sync
-    );
+    };
+    assert!(mailbox().mirror_in_sync);
+    let vols = a_inner.volumes();
 
     // Writes of many sizes, some unaligned, across both volumes.
     let mut expected = [vec![0u8; 4 << 20], vec![0u8; 1 << 20]];
@@ -100,21 +99,21 @@ fn pair_mirrors_marks_out_of_sync_and_resyncs() {
         let offset = (i * 7919 * 512) % (expected[volume].len() as u64 - len as u64);
         let data = pattern(i, len);
         a_inner
-            .write(volume, offset, &data, i % 10 == 0)
+            .write(&vols[volume], offset, &data, i % 10 == 0)
             .expect("write");
         expected[volume][offset as usize..offset as usize + len].copy_from_slice(&data);
     }
     a_inner
-        .write_zeroes(0, 4096, 8192, false, false)
+        .write_zeroes(&vols[0], 4096, 8192, false, false)
         .expect("zeroes");
     expected[0][4096..4096 + 8192].fill(0);
     a_inner
-        .write_zeroes(0, 65536, 4096, true, false)
+        .write_zeroes(&vols[0], 65536, 4096, true, false)
         .expect("trim");
     expected[0][65536..65536 + 4096].fill(0);
     for (volume, bytes) in expected.iter().enumerate() {
         let mut read = vec![0u8; bytes.len()];
-        a_inner.read(volume, 0, &mut read).expect("read");
+        a_inner.read(&vols[volume], 0, &mut read).expect("read");
         assert!(read == *bytes, "volume {volume} reads back differently");
     }
     assert!(
@@ -139,10 +138,10 @@ fn pair_mirrors_marks_out_of_sync_and_resyncs() {
     // Partner down: writes still succeed and the mailbox says out of sync.
     drop(b);
     a_inner
-        .write(0, 0, &pattern(9999, 4096), false)
+        .write(&vols[0], 0, &pattern(9999, 4096), false)
         .expect("write with the partner down");
     expected[0][..4096].copy_from_slice(&pattern(9999, 4096));
-    let state = mailbox.read().expect("mailbox").expect("written");
+    let state = mailbox();
     assert!(
         !state.mirror_in_sync,
         "out of sync after an unmirrored write"
@@ -154,16 +153,10 @@ fn pair_mirrors_marks_out_of_sync_and_resyncs() {
     wait_for("node 1 in sync again", Duration::from_secs(10), || {
         a_inner.link() == Link::InSync
     });
-    assert!(
-        mailbox
-            .read()
-            .expect("mailbox")
-            .expect("written")
-            .mirror_in_sync
-    );
+    assert!(mailbox().mirror_in_sync);
     let b_inner = b.inner().clone();
     a_inner
-        .write(1, 512, &pattern(7, 3000), false)
+        .write(&vols[1], 512, &pattern(7, 3000), false)
         .expect("write");
     expected[1][512..3512].copy_from_slice(&pattern(7, 3000));
     wait_for(
@@ -183,7 +176,9 @@ fn pair_mirrors_marks_out_of_sync_and_resyncs() {
     let a = Node::start(config(dir.path(), 1, &ports)).expect("node 1 again");
     for (volume, bytes) in expected.iter().enumerate() {
         let mut read = vec![0u8; bytes.len()];
-        a.inner().read(volume, 0, &mut read).expect("read");
+        a.inner()
+            .read(&a.inner().volumes()[volume], 0, &mut read)
+            .expect("read");
         assert!(read == *bytes, "volume {volume} lost data across a restart");
     }
     b.shutdown().expect("shutdown");
@@ -199,11 +194,14 @@ fn out_of_range_and_bad_volume_sizes_are_refused() {
     };
     let a = Node::start(config(dir.path(), 1, &ports)).expect("node 1");
     let inner = a.inner().clone();
-    assert!(inner.write(1, (1 << 20) - 100, &[1; 200], false).is_err());
-    let mut buf = [0u8; 10];
-    assert!(inner.read(1, 1 << 20, &mut buf).is_err());
+    let vols = inner.volumes();
     assert!(inner
-        .write_zeroes(0, u64::MAX - 5, 10, false, false)
+        .write(&vols[1], (1 << 20) - 100, &[1; 200], false)
+        .is_err());
+    let mut buf = [0u8; 10];
+    assert!(inner.read(&vols[1], 1 << 20, &mut buf).is_err());
+    assert!(inner
+        .write_zeroes(&vols[0], u64::MAX - 5, 10, false, false)
         .is_err());
     a.shutdown().expect("shutdown");
     drop(a);

@@ -619,6 +619,23 @@ impl SendQueue {
         Ok(())
     }
 
+    /// Ends the current session on purpose (an operator's or a drill's
+    /// interconnect cut): it fails as a lost connection would (every waiter
+    /// gets an error, slots in flight are reclaimed) and the transport is
+    /// closed. [`reconnect`](Self::reconnect) starts a new session.
+    pub fn disconnect(&self) {
+        let _order = lock(&self.shared.post_order);
+        let mut state = lock(&self.shared.state);
+        if state.failure.is_none() {
+            state.fail(Arc::new(Error::Closed));
+        }
+        let transport = Arc::clone(&state.transport);
+        drop(state);
+        self.shared.notify_all();
+        transport.close();
+        tracing::info!("send queue disconnected on request");
+    }
+
     /// Number of slots.
     pub fn capacity(&self) -> usize {
         self.shared.capacity

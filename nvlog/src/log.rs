@@ -588,6 +588,34 @@ impl Log {
         Ok(HeaderUpdate { range })
     }
 
+    /// Forget every record: the volumes received them another way (the
+    /// partner replayed this node's mirror at a takeover, and now hands the
+    /// volumes back). Frees every live half, marks everything flushed, opens
+    /// a fresh half in a new generation, and persists the header. No writer
+    /// may be active.
+    pub fn discard_all(&self) -> Result<HeaderUpdate> {
+        let mut state = self.state.lock();
+        assert_eq!(state.reserved_bytes, 0, "discard_all with writers active");
+        state.flushed_lsn = state.next_lsn - 1;
+        state.halves = [Half::FREE; 2];
+        state.max_generation += 1;
+        let filling = state.filling;
+        state.halves[filling] = Half {
+            state: HalfState::Filling,
+            generation: state.max_generation,
+            first_lsn: state.next_lsn,
+            last_lsn: 0,
+            used: 0,
+            persisted: 0,
+        };
+        state.switch_pending_header = false;
+        let range = self.write_header_persisted(&mut state)?;
+        drop(state);
+        self.space_freed.notify_all();
+        tracing::info!("log discarded: its records reached the volumes through the partner");
+        Ok(HeaderUpdate { range })
+    }
+
     /// Write the next header slot from the in-memory state; returns its
     /// log-relative range.
     ///

@@ -351,3 +351,22 @@ fn mirror_copy_of_live_ranges_scans_like_the_log() {
         scan_all(&log.live_image()).0
     );
 }
+
+#[test]
+fn discard_all_forgets_every_record_across_a_restart() {
+    let (region, log) = memory_log(HALF);
+    for i in 0..25 {
+        append_write(&log, 1, i * 4096, &payload(i, 3000));
+    }
+    log.discard_all().expect("discard");
+    assert_eq!(scan_all(&log.live_image()).0.len(), 0);
+    let appended = append_write(&log, 1, 0, b"after the discard");
+    assert_eq!(appended.lsn, 26, "LSNs go on");
+    log.persist(appended.lsn).expect("persist");
+    let region = Arc::new(
+        Region::from_image(NODE, region.geometry(), &region.crash_image(3)).expect("image"),
+    );
+    let (log, recovery) = Log::open(region).expect("recover");
+    assert_eq!(recovery.first_lsn, Some(26));
+    assert_eq!(scan_all(&log.live_image()).0.len(), 1);
+}

@@ -265,11 +265,19 @@ heartbeat_timeout_ms = 1000
 [checkpoint]
 interval_ms = 1000
 {extra}
+{ha}
 "#,
                 root = dir.path().display(),
                 nbd_port = nbd[me],
                 listen = ic[me],
                 partner = ic[1 - me],
+                // These tests are about one node's behaviour: no takeover
+                // unless a test asks for HA.
+                ha = if extra.contains("[ha]") {
+                    ""
+                } else {
+                    "[ha]\nauto_takeover = false"
+                },
             );
             std::fs::write(&config_path, text).expect("write config");
             NodeProcess {

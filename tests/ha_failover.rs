@@ -1,0 +1,363 @@
+//! HA with real node processes: takeover after kill -9 with reads served
+//! during the replay, giveback, fencing of a stopped node (SIGSTOP), an
+//! out-of-sync mirror refused and then forced, a survivor crash during the
+//! replay, an interconnect cut without takeover, bad admin requests.
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::Signal;
+use nvmirror::harness::{PairHarness, PairSpec};
+use nvmirror::nbd::client::NbdClient;
+use nvmirror::workload::{self, Ledger};
+
+const VOLUME_BYTES: u64 = 32 << 20;
+const START: Duration = Duration::from_secs(30);
+
+fn pair(dir: &Path, extra: &str, ha: &str) -> PairHarness {
+    let mut pair = PairHarness::configure(PairSpec {
+        dir: dir.to_owned(),
+        volumes: vec![("vol0".into(), VOLUME_BYTES)],
+        half_bytes: 8 << 20,
+        extra_config: extra.to_owned(),
+        ha_config: ha.to_owned(),
+        binary: Some(env!("CARGO_BIN_EXE_nvmirror").into()),
+    })
+    .expect("configure the pair");
+    // Each node's volume names must be unique across the pair.
+    let path = pair.node(2).config_path.clone();
+    let text = std::fs::read_to_string(&path).expect("config");
+    std::fs::write(&path, text.replace("name = \"vol0\"", "name = \"vol2\"")).expect("config");
+    for node in [1, 2] {
+        pair.node(node).start(START).expect("start node");
+    }
+    pair.wait_in_sync(1, START).expect("node 1 in sync");
+    pair.wait_in_sync(2, START).expect("node 2 in sync");
+    pair
+}
+
+fn wait_for(what: &str, timeout: Duration, mut condition: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while !condition() {
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {timeout:?} waiting for {what}"
+        );
+        std::thread::sleep(Duration::from_millis(25));
+    }
+}
+
+fn connect(addr: std::net::SocketAddr, volume: &str) -> NbdClient {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        match NbdClient::connect(addr, volume, Duration::from_secs(10)) {
+            Ok(client) => return client,
+            Err(error) if Instant::now() < deadline => {
+                let _ = error;
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            Err(error) => panic!("cannot reach {volume} at {addr}: {error}"),
+        }
+    }
+}
+
+fn ledger(volume: &str, first_block: u64, blocks: u64) -> Ledger {
+    Ledger {
+        volume: volume.into(),
+        volume_id: if volume == "vol0" { 1 << 16 } else { 2 << 16 },
+        first_block,
+        blocks,
+        state: Default::default(),
+        writes_acked: 0,
+        bytes_acked: 0,
+        latencies_us: Vec::new(),
+        stopped_by: None,
+    }
+}
+
+/// Write `writes` random runs into `ledger`'s blocks through `addr`.
+fn write_some(addr: std::net::SocketAddr, ledger: &mut Ledger, writer: u64, writes: u64) {
+    let mut client = connect(addr, &ledger.volume.clone());
+    let until = Instant::now() + Duration::from_secs(60);
+    workload::run_writer(&mut client, ledger, writer, writer * 7919, until, writes);
+    assert!(
+        ledger.stopped_by.is_none(),
+        "writer stopped: {:?}",
+        ledger.stopped_by
+    );
+    client.disconnect();
+}
+
+fn verify(addr: std::net::SocketAddr, ledger: &Ledger) {
+    let mut client = connect(addr, &ledger.volume.clone());
+    let result = workload::verify(&mut client, ledger).expect("read back");
+    assert!(
+        result.mismatches.is_empty(),
+        "{} blocks lost or wrong, e.g. {:?}",
+        result.mismatches.len(),
+        &result.mismatches[..result.mismatches.len().min(5)]
+    );
+    assert!(result.blocks_written > 0);
+}
+
+fn holding(pair: &mut PairHarness, node: u32) -> bool {
+    pair.node(node)
+        .status()
+        .is_ok_and(|s| s["takeover"]["holding_partner_volumes"] == true)
+}
+
+fn state(pair: &mut PairHarness, node: u32) -> String {
+    pair.node(node)
+        .status()
+        .map(|s| s["state"].as_str().unwrap_or_default().to_owned())
+        .unwrap_or_default()
+}
+
+#[test]
+fn kill9_takeover_serves_during_replay_then_giveback() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    // A slow replay, so reads are served while it runs.
+    let mut pair = pair(
+        dir.path(),
+        "[checkpoint]\ninterval_ms = 60000\nthreshold_percent = 95\n",
+        "replay_max_bytes_per_s = \"1MiB\"\n",
+    );
+    let nbd1 = pair.node(1).nbd;
+    let mut before = ledger("vol0", 0, 2048);
+    write_some(nbd1, &mut before, 1, 300);
+
+    pair.node(1).kill9();
+    let killed = Instant::now();
+    wait_for("node 2 to take over", Duration::from_secs(15), || {
+        holding(&mut pair, 2)
+    });
+    // Node 2 serves node 1's volume on node 1's address (same host).
+    verify(nbd1, &before);
+    let first_read_ms = killed.elapsed().as_millis();
+    let status = pair.node(2).status().expect("status");
+    assert_eq!(
+        status["replay"]["active"], true,
+        "reads are served before the replay ends: {status}"
+    );
+    assert!(first_read_ms < 15_000);
+
+    // Writes go on through node 2's own log.
+    let mut after = ledger("vol0", 2048, 2048);
+    write_some(nbd1, &mut after, 2, 200);
+
+    // Node 1 comes back and waits; the giveback returns its volume.
+    pair.node(1).start(START).expect("restart node 1");
+    wait_for(
+        "node 1 to wait for giveback",
+        Duration::from_secs(10),
+        || state(&mut pair, 1) == "waiting for giveback",
+    );
+    let (code, body) = pair.node(2).admin_post("/giveback").expect("giveback");
+    assert_eq!(code, 200, "{body}");
+    wait_for("node 1 to serve again", Duration::from_secs(15), || {
+        state(&mut pair, 1) == "serving"
+    });
+    verify(nbd1, &before);
+    verify(nbd1, &after);
+    let owner: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(pair.aggregate().join("node-1.owner")).expect("owner file"),
+    )
+    .expect("json");
+    assert_eq!(owner["owner"], 1);
+    assert_eq!(
+        owner["epoch"], 2,
+        "takeover and giveback each raised the epoch"
+    );
+    // Mirroring resumes in both directions.
+    pair.wait_in_sync(1, START).expect("node 1 in sync again");
+    pair.wait_in_sync(2, START).expect("node 2 in sync again");
+}
+
+#[test]
+fn a_stopped_owner_is_fenced_and_neither_writes_nor_acknowledges() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut pair = pair(dir.path(), "[checkpoint]\ninterval_ms = 1500\n", "");
+    let nbd1 = pair.node(1).nbd;
+    // Pattern A on blocks 0..256, kept dirty in node 1's log.
+    let mut old = ledger("vol0", 0, 256);
+    write_some(nbd1, &mut old, 1, 100);
+    let mut stale_client = connect(nbd1, "vol0");
+
+    pair.node(1).signal(Signal::SIGSTOP).expect("SIGSTOP");
+    wait_for("node 2 to take over", Duration::from_secs(15), || {
+        holding(&mut pair, 2)
+    });
+    // Node 1 still holds its port (stopped, not dead): clients use node 2's.
+    let nbd2 = pair.node(2).nbd;
+    verify(nbd2, &old);
+    // Pattern B over the same blocks, through the new owner.
+    let mut new = old.clone();
+    write_some(nbd2, &mut new, 2, 100);
+
+    pair.node(1).signal(Signal::SIGCONT).expect("SIGCONT");
+    // The old owner acknowledges nothing more.
+    let refused = stale_client.write(0, &vec![0xee; 4096], false);
+    assert!(refused.is_err(), "a fenced node acknowledged a write");
+    wait_for(
+        "node 1 to know it is fenced",
+        Duration::from_secs(10),
+        || state(&mut pair, 1) == "fenced",
+    );
+    // Give node 1's consistency point time to try its stale data.
+    std::thread::sleep(Duration::from_secs(3));
+    verify(nbd2, &new);
+    let log = std::fs::read_to_string(&pair.node(1).log_path).expect("node 1 log");
+    assert!(log.contains("fenced"), "node 1 says it was fenced:\n{log}");
+}
+
+#[test]
+fn an_out_of_sync_mirror_is_refused_then_forced() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut pair = pair(dir.path(), "", "");
+    let nbd1 = pair.node(1).nbd;
+    let mut mirrored = ledger("vol0", 0, 512);
+    write_some(nbd1, &mut mirrored, 1, 50);
+    // Node 2 goes away; node 1 acknowledges writes its mirror lacks.
+    pair.node(2).kill9();
+    let mut unmirrored = ledger("vol0", 512, 512);
+    write_some(nbd1, &mut unmirrored, 2, 20);
+    assert!(!pair.in_sync(1));
+    pair.node(1).kill9();
+
+    pair.node(2).start(START).expect("restart node 2");
+    wait_for(
+        "node 2 to refuse the takeover",
+        Duration::from_secs(15),
+        || {
+            pair.node(2).status().is_ok_and(|s| {
+                s["takeover"]["why_not"]
+                    .as_str()
+                    .is_some_and(|w| w.contains("out of sync"))
+            })
+        },
+    );
+    assert!(!holding(&mut pair, 2));
+    let owner_path = pair.aggregate().join("node-1.owner");
+    assert!(!owner_path.exists(), "a refused takeover does not fence");
+
+    let (code, body) = pair
+        .node(2)
+        .admin_post("/takeover?force=true")
+        .expect("forced takeover");
+    assert_eq!(code, 200, "{body}");
+    assert!(holding(&mut pair, 2));
+    let owner: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&owner_path).expect("owner")).expect("json");
+    assert_eq!(
+        owner["forced"], true,
+        "the ownership records the forced takeover"
+    );
+    // What the mirror had is there.
+    verify(pair.node(2).nbd, &mirrored);
+}
+
+#[test]
+fn a_survivor_crash_during_replay_resumes_from_the_persisted_index() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut pair = pair(
+        dir.path(),
+        "[checkpoint]\ninterval_ms = 60000\nthreshold_percent = 95\n",
+        "replay_max_bytes_per_s = \"512KiB\"\n",
+    );
+    let nbd1 = pair.node(1).nbd;
+    let mut data = ledger("vol0", 0, 4096);
+    write_some(nbd1, &mut data, 1, 400);
+    pair.node(1).kill9();
+    wait_for("node 2 to take over", Duration::from_secs(15), || {
+        holding(&mut pair, 2)
+    });
+    std::thread::sleep(Duration::from_millis(500));
+    let status = pair.node(2).status().expect("status");
+    assert_eq!(
+        status["replay"]["active"], true,
+        "the replay is still running: {status}"
+    );
+    pair.node(2).kill9();
+
+    pair.node(2).start(START).expect("restart node 2");
+    let log = std::fs::read_to_string(&pair.node(2).log_path).expect("node 2 log");
+    assert!(
+        log.contains("resumed serving the partner's volumes from the persisted index"),
+        "node 2 resumed without rescanning the mirror:\n{log}"
+    );
+    assert!(holding(&mut pair, 2));
+    verify(pair.node(2).nbd, &data);
+}
+
+#[test]
+fn an_interconnect_cut_is_not_a_takeover() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut pair = pair(dir.path(), "", "");
+    let (code, body) = pair
+        .node(1)
+        .admin_post("/fault?name=cut-interconnect&duration_ms=4000")
+        .expect("cut");
+    assert_eq!(code, 200, "{body}");
+    let nbd1 = pair.node(1).nbd;
+    let mut during = ledger("vol0", 0, 256);
+    write_some(nbd1, &mut during, 1, 50);
+    assert!(
+        !pair.in_sync(1),
+        "writes during the cut are not mirrored, and the mailbox says so"
+    );
+    std::thread::sleep(Duration::from_millis(2500));
+    let status = pair.node(2).status().expect("status");
+    assert_eq!(status["partner"]["interconnect"], "silent", "{status}");
+    assert_eq!(status["partner"]["mailbox"], "alive", "{status}");
+    assert_eq!(status["takeover"]["possible"], false, "{status}");
+    assert!(!holding(&mut pair, 2) && !holding(&mut pair, 1));
+    assert!(
+        !pair.aggregate().join("node-1.owner").exists()
+            && !pair.aggregate().join("node-2.owner").exists()
+    );
+    // Healed: in sync again.
+    pair.wait_in_sync(1, START)
+        .expect("node 1 in sync after the cut");
+    verify(nbd1, &during);
+}
+
+#[test]
+fn bad_admin_requests_are_refused_clearly() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut pair = pair(dir.path(), "", "");
+    let admin = pair.node(1).admin;
+    let (code, body) =
+        nvmirror::admin::request(admin, "GET", "/no-such-thing", Duration::from_secs(5))
+            .expect("request");
+    assert_eq!(code, 404, "{body}");
+    let (code, body) = nvmirror::admin::request(admin, "GET", "/takeover", Duration::from_secs(5))
+        .expect("request");
+    assert_eq!(code, 405, "{body}");
+    let (code, body) = pair.node(1).admin_post("/giveback").expect("giveback");
+    assert_eq!(code, 409, "nothing to give back: {body}");
+    let (code, body) = pair
+        .node(1)
+        .admin_post("/fault?name=meteor&duration_ms=1")
+        .expect("fault");
+    assert_eq!(code, 400, "{body}");
+    let (code, metrics) =
+        nvmirror::admin::request(admin, "GET", "/metrics", Duration::from_secs(5))
+            .expect("metrics");
+    assert_eq!(code, 200);
+    assert!(
+        metrics.contains("nvmirror_write_latency_us_bucket"),
+        "{metrics}"
+    );
+    // The CLI renders the status for a person.
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_nvmirror"))
+        .args(["status", "--config"])
+        .arg(&pair.node(1).config_path)
+        .output()
+        .expect("nvmirror status");
+    let text = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success() && text.contains("node 1: serving"),
+        "{text}\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+}
