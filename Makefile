@@ -1,7 +1,9 @@
 # nvmirror: the two commands of the README, and their parts.
 #
-#   make demo    the main job: a pair of nodes on this machine, a verifying
-#                workload through NBD, a partner outage, a restart, a report.
+#   make drill   the main job: a pair of nodes on this machine, a verifying
+#                workload through NBD, faults on the owner (kill -9, SIGSTOP,
+#                an interconnect cut), takeover, verification, giveback, and
+#                the takeover timings with the log 1/50/100 % full; a report.
 #   make test    everything CI runs: unit, property, concurrency and
 #                integration tests, the loom model, fuzz smoke runs and the
 #                benchmarks in quick mode. Installs what it needs first.
@@ -23,9 +25,15 @@ CARGO ?= cargo
 FUZZ_CRATES := $(patsubst %/fuzz/Cargo.toml,%,$(wildcard */fuzz/Cargo.toml))
 
 DEMO_SECONDS ?= 10
+DRILL_CYCLES ?= 6
 
-.PHONY: demo test deps lint unit loom fuzz-smoke fuzz bench-smoke bench
+.PHONY: drill demo test deps lint unit loom fuzz-smoke fuzz bench-smoke bench
 
+drill: deps
+	$(CARGO) build --release --locked -p nvmirror
+	./target/release/nvmirror drill --cycles $(DRILL_CYCLES) --profile-takeover
+
+## demo: a pair, a workload, a partner outage without takeover, a restart.
 demo: deps
 	$(CARGO) build --release --locked -p nvmirror
 	./target/release/nvmirror demo --seconds $(DEMO_SECONDS)

@@ -1198,6 +1198,17 @@ pub fn request(
                 response.extend_from_slice(&chunk[..n]);
             }
             Err(err) if err.kind() == io::ErrorKind::Interrupted => {}
+            // A server that closes without reading all we sent (a 503 when
+            // busy) may reset the connection after its response: a
+            // complete response is still the answer.
+            Err(err)
+                if matches!(
+                    err.kind(),
+                    io::ErrorKind::ConnectionReset | io::ErrorKind::ConnectionAborted
+                ) && parse_response(&response).is_ok() =>
+            {
+                break
+            }
             Err(err) => return Err(io_error("reading the response")(err)),
         }
     }

@@ -198,23 +198,33 @@ impl Mirror {
         Some(reservation.post(write_of(record)))
     }
 
-    /// Wait phase: whether the write posted as `id` may be acknowledged on
-    /// the strength of the mirror alone.
-    pub fn placed_in_sync(&self, id: Option<WriteId>) -> bool {
+    /// Wait phase: whether the write posted as `id` is placed in the
+    /// partner's mirror (or was lost with its session).
+    pub fn placed(&self, id: Option<WriteId>) -> bool {
         let (Some(id), Some(queue)) = (id, self.queue()) else {
             return false;
         };
-        queue.wait_placed(id).is_ok() && self.link() == Link::InSync
+        queue.wait_placed(id).is_ok()
     }
 
-    /// Make sure the mailbox durably says "out of sync" before a write the
-    /// mirror may lack is acknowledged.
-    pub fn mark_out_of_sync(&self, reason: &str) -> Result<()> {
+    /// Whether a placed write may be acknowledged on the strength of the
+    /// mirror alone: the mirror is complete.
+    pub fn in_sync(&self) -> bool {
+        self.link() == Link::InSync
+    }
+
+    /// Before a write the mirror may lack is acknowledged: make sure the
+    /// mailbox durably says "out of sync". `placed` says whether the write
+    /// is in the mirror after all: if, under the lock that orders marking
+    /// against the resync's declaration, the mirror turns out to be in sync,
+    /// such a write is safe and nothing is marked (else a write that raced
+    /// the declaration would leave the mailbox out of sync for good).
+    pub fn mark_out_of_sync(&self, reason: &str, placed: bool) -> Result<()> {
         if self.marked_out_of_sync.load(Ordering::Acquire) {
             return Ok(());
         }
         let _mark = self.mark_lock.lock();
-        if self.marked_out_of_sync.load(Ordering::Acquire) {
+        if self.marked_out_of_sync.load(Ordering::Acquire) || (placed && self.in_sync()) {
             return Ok(());
         }
         self.mailbox.update(|state| {

@@ -456,7 +456,8 @@ impl NodeInner {
         posted: Option<interconnect::WriteId>,
         fua: bool,
     ) -> Result<()> {
-        if self.mirror.placed_in_sync(posted) {
+        let placed = self.mirror.placed(posted);
+        if placed && self.mirror.in_sync() {
             if fua || self.config.durability == Durability::Persist {
                 self.log.persist(lsn)?;
             }
@@ -464,10 +465,13 @@ impl NodeInner {
             self.stats.acks_mirrored.fetch_add(1, Ordering::Relaxed);
             return Ok(());
         }
-        self.mirror.mark_out_of_sync(&format!(
-            "partner {} unreachable or resyncing; writes are acknowledged after local persistence",
-            self.config.interconnect.partner
-        ))?;
+        self.mirror.mark_out_of_sync(
+            &format!(
+                "partner {} unreachable or resyncing; writes are acknowledged after local persistence",
+                self.config.interconnect.partner
+            ),
+            placed,
+        )?;
         self.log
             .persist(lsn)
             .inspect_err(|error| self.fail(error.to_string()))?;

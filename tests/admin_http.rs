@@ -446,7 +446,7 @@ fn oversized_heads_get_400() {
 
 #[test]
 fn a_silent_client_is_dropped_after_the_timeout_without_blocking_others() {
-    let timeout = Duration::from_millis(400);
+    let timeout = Duration::from_secs(1);
     let (server, _handler) = server_with_timeout(timeout);
     let addr = server.local_addr();
 
@@ -600,14 +600,14 @@ fn request_times_out_against_a_mute_server() {
     let addr = listener.local_addr().unwrap();
     let holder = thread::spawn(move || {
         let (stream, _) = listener.accept().unwrap();
-        thread::sleep(Duration::from_millis(800));
+        thread::sleep(Duration::from_secs(2));
         drop(stream);
     });
     let started = Instant::now();
     let err = request(addr, "GET", "/status", Duration::from_millis(300)).unwrap_err();
     assert!(matches!(err, AdminClientError::TimedOut { .. }), "{err:?}");
     assert!(
-        started.elapsed() < Duration::from_millis(750),
+        started.elapsed() < Duration::from_millis(1500),
         "{:?}",
         started.elapsed()
     );

@@ -361,3 +361,73 @@ fn bad_admin_requests_are_refused_clearly() {
         String::from_utf8_lossy(&output.stderr)
     );
 }
+
+#[test]
+fn takeover_with_the_log_nearly_full() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    // No consistency point: the log keeps everything until the kill.
+    let mut pair = pair(
+        dir.path(),
+        "[checkpoint]\ninterval_ms = 3600000\nthreshold_percent = 100\n",
+        "",
+    );
+    let nbd1 = pair.node(1).nbd;
+    // About 7.5 MiB of 8 MiB halves: the filling half nearly full.
+    let mut data = ledger("vol0", 0, 8192);
+    let mut client = connect(nbd1, "vol0");
+    for i in 0..120u64 {
+        let stamp = (1 << 40) | (i + 1);
+        let start = i * 16;
+        let mut bytes = Vec::new();
+        for block in start..start + 16 {
+            bytes.extend_from_slice(&workload::block_pattern(data.volume_id, block, stamp));
+            data.state.entry(block).or_default().acked = stamp;
+        }
+        client.write(start * 4096, &bytes, false).expect("write");
+    }
+    client.disconnect();
+    let status = pair.node(1).status().expect("status");
+    assert!(
+        status["log"]["used_percent"].as_f64().unwrap_or(0.0) > 85.0,
+        "{status}"
+    );
+    pair.node(1).kill9();
+    wait_for("node 2 to take over", Duration::from_secs(15), || {
+        holding(&mut pair, 2)
+    });
+    verify(nbd1, &data);
+    let status = pair.node(2).status().expect("status");
+    assert!(
+        status["replay"]["total_bytes"].as_u64().unwrap_or(0) > 7 << 20,
+        "{status}"
+    );
+}
+
+#[test]
+fn a_short_drill_passes() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_nvmirror"))
+        .args([
+            "drill",
+            "--cycles",
+            "3",
+            "--writers",
+            "2",
+            "--seed",
+            "1",
+            "--dir",
+        ])
+        .arg(dir.path())
+        .output()
+        .expect("nvmirror drill");
+    let report = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success() && report.contains("result: PASS"),
+        "{report}\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    for fault in ["kill -9", "SIGSTOP", "interconnect cut"] {
+        assert!(report.contains(fault), "the drill ran {fault}:\n{report}");
+    }
+    assert!(report.contains("0 lost or wrong"), "{report}");
+}
