@@ -58,6 +58,8 @@ impl Fault {
 pub struct DrillOptions {
     pub dir: PathBuf,
     pub cycles: u32,
+    /// Start no new cycle after this long (the last one finishes).
+    pub duration: Option<Duration>,
     pub seed: u64,
     pub faults: Vec<Fault>,
     /// Writers per cycle (NBD connections).
@@ -145,7 +147,15 @@ pub fn run(options: &DrillOptions) -> Result<(bool, String)> {
         "verified",
         "mismatches"
     );
+    let started = Instant::now();
     for cycle in 0..options.cycles {
+        if options
+            .duration
+            .is_some_and(|limit| started.elapsed() >= limit)
+        {
+            let _ = writeln!(report, "duration reached after {cycle} cycles");
+            break;
+        }
         // Every fault in turn; the seed decides the moments.
         let fault = options.faults[cycle as usize % options.faults.len()];
         let victim = 1 + (cycle % 2);

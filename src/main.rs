@@ -37,6 +37,9 @@ enum Command {
         /// Fault cycles.
         #[arg(long, default_value_t = 6)]
         cycles: u32,
+        /// Start no new cycle after this many seconds.
+        #[arg(long)]
+        duration: Option<u64>,
         /// Faults to choose from: kill9, sigstop, cut (comma-separated).
         #[arg(long, default_value = "kill9,sigstop,cut", value_delimiter = ',')]
         faults: Vec<String>,
@@ -187,6 +190,7 @@ fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
         Command::Drill {
             dir,
             cycles,
+            duration,
             faults,
             writers,
             seed,
@@ -212,6 +216,7 @@ fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
             let options = nvmirror::drill::DrillOptions {
                 dir,
                 cycles,
+                duration: duration.map(std::time::Duration::from_secs),
                 seed,
                 faults,
                 writers,

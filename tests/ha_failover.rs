@@ -141,6 +141,26 @@ fn kill9_takeover_serves_during_replay_then_giveback() {
     );
     assert!(first_read_ms < 15_000);
 
+    // A stock client finds the volume again on the same address.
+    let uri = format!("nbd://{nbd1}/vol0");
+    let qemu = std::process::Command::new("qemu-io")
+        .args([
+            "-f",
+            "raw",
+            &uri,
+            "-c",
+            "write -P 0x7e 30M 64k",
+            "-c",
+            "read -P 0x7e 30M 64k",
+        ])
+        .output()
+        .expect("qemu-io (apt-get install qemu-utils)");
+    let text = String::from_utf8_lossy(&qemu.stdout);
+    assert!(
+        qemu.status.success() && !text.contains("Pattern verification failed"),
+        "{text}"
+    );
+
     // Writes go on through node 2's own log.
     let mut after = ledger("vol0", 2048, 2048);
     write_some(nbd1, &mut after, 2, 200);
@@ -430,4 +450,23 @@ fn a_short_drill_passes() {
         assert!(report.contains(fault), "the drill ran {fault}:\n{report}");
     }
     assert!(report.contains("0 lost or wrong"), "{report}");
+}
+
+#[test]
+fn automatic_giveback_after_the_configured_delay() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut pair = pair(dir.path(), "", "auto_giveback_delay_ms = 500\n");
+    let nbd1 = pair.node(1).nbd;
+    let mut data = ledger("vol0", 0, 512);
+    write_some(nbd1, &mut data, 1, 50);
+    pair.node(1).kill9();
+    wait_for("node 2 to take over", Duration::from_secs(15), || {
+        holding(&mut pair, 2)
+    });
+    pair.node(1).start(START).expect("restart node 1");
+    wait_for("the automatic giveback", Duration::from_secs(20), || {
+        state(&mut pair, 1) == "serving"
+    });
+    assert!(!holding(&mut pair, 2));
+    verify(nbd1, &data);
 }
