@@ -44,14 +44,14 @@ use std::fmt::Write as _;
 use std::io::{self, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::panic::{self, AssertUnwindSafe};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
-use parking_lot::Mutex;
 use serde_json::Value;
 use tracing::{debug, error, info, info_span, warn};
+
+use crate::tcp_service::{ConnectionLimit, ServiceState, TcpService};
 
 // ---------------------------------------------------------------------------
 // Limits
@@ -94,13 +94,6 @@ const HEAD_BYTES_MAX: usize = REQUEST_LINE_BYTES_MAX + 2 + HEADER_SECTION_BYTES_
 /// the client could lose the response.
 const LINGER_DURATION: Duration = Duration::from_secs(1);
 const LINGER_BYTES_MAX: usize = 256 << 10;
-
-/// After a failed accept (e.g. out of file descriptors), wait this long
-/// before the next, so the accept thread does not spin.
-const ACCEPT_ERROR_BACKOFF: Duration = Duration::from_millis(50);
-
-/// Bounds the connection the server makes to itself to wake its accept.
-const WAKE_CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// Bounds writing the 503 to a connection over [`CONNECTIONS_MAX`], which
 /// the accept thread does itself.
@@ -150,10 +143,7 @@ pub struct AdminRefusal {
 /// until [`AdminServer::shutdown`] or drop.
 #[derive(Debug)]
 pub struct AdminServer {
-    local_addr: SocketAddr,
-    shared: Arc<Shared>,
-    /// `None` once shut down.
-    accept_thread: Mutex<Option<JoinHandle<()>>>,
+    service: TcpService,
 }
 
 /// What the accept thread and the connection threads share.
@@ -162,17 +152,8 @@ struct Shared {
     handler: Arc<dyn AdminHandler>,
     /// [`CONNECTION_TIMEOUT`], shorter in tests.
     connection_timeout: Duration,
-    shutting_down: AtomicBool,
-    connections: Mutex<Connections>,
-}
-
-#[derive(Debug, Default)]
-struct Connections {
-    next_id: u64,
-    /// A clone of each open connection's socket, to close it at shutdown.
-    sockets: HashMap<u64, TcpStream>,
-    /// Connection threads not yet joined.
-    threads: Vec<JoinHandle<()>>,
+    /// The accept and connection threads' state: shutting down or not.
+    service: Arc<ServiceState>,
 }
 
 impl AdminServer {
@@ -196,179 +177,45 @@ impl AdminServer {
             ));
         }
         let listener = TcpListener::bind(addr)?;
-        let local_addr = listener.local_addr()?;
+        let service = ServiceState::new("admin");
         let shared = Arc::new(Shared {
             handler,
             connection_timeout,
-            shutting_down: AtomicBool::new(false),
-            connections: Mutex::new(Connections::default()),
+            service: Arc::clone(&service),
         });
-        let accept_shared = Arc::clone(&shared);
-        let accept_thread = thread::Builder::new()
-            .name("admin-accept".to_owned())
-            .spawn(move || accept_loop(listener, &accept_shared))?;
-        info!(addr = %local_addr, "admin endpoint listening");
-        Ok(AdminServer {
-            local_addr,
-            shared,
-            accept_thread: Mutex::new(Some(accept_thread)),
-        })
+        let limit = ConnectionLimit {
+            max: CONNECTIONS_MAX,
+            refuse: Box::new(|mut stream: TcpStream, _peer| {
+                let response = Response::text(
+                    503,
+                    format!("too many admin connections (at most {CONNECTIONS_MAX}); retry"),
+                );
+                let _ = stream.set_write_timeout(Some(BUSY_WRITE_TIMEOUT));
+                let _ = stream.write_all(&response.to_bytes());
+                let _ = stream.shutdown(Shutdown::Both);
+            }),
+        };
+        let service = TcpService::start(listener, service, Some(limit), move |stream, peer| {
+            serve_connection(&shared, stream, peer)
+        })?;
+        Ok(AdminServer { service })
     }
 
     pub fn local_addr(&self) -> SocketAddr {
-        self.local_addr
+        self.service.local_addr()
     }
 
     /// Stop accepting, close every open connection (a handler call under
     /// way finishes; its response may be lost), join the threads.
     /// Idempotent; also on drop.
     pub fn shutdown(&self) {
-        let Some(accept_thread) = self.accept_thread.lock().take() else {
-            return;
-        };
-        self.shared.shutting_down.store(true, Ordering::SeqCst);
-        // The accept thread blocks in accept(2); a connection wakes it, and it
-        // sees the flag before serving anything.
-        let wake_addr = match self.local_addr {
-            SocketAddr::V4(a) if a.ip().is_unspecified() => {
-                SocketAddr::from((std::net::Ipv4Addr::LOCALHOST, a.port()))
-            }
-            SocketAddr::V6(a) if a.ip().is_unspecified() => {
-                SocketAddr::from((std::net::Ipv6Addr::LOCALHOST, a.port()))
-            }
-            addr => addr,
-        };
-        match TcpStream::connect_timeout(&wake_addr, WAKE_CONNECT_TIMEOUT) {
-            Ok(_) => {
-                if accept_thread.join().is_err() {
-                    error!("admin accept thread panicked");
-                }
-            }
-            // Joining would wait for the next client; leave the thread to
-            // exit when one comes.
-            Err(err) => {
-                error!(addr = %wake_addr, error = %err, "cannot wake the admin accept thread")
-            }
-        }
-        // No connection is registered after the accept thread has stopped.
-        let threads = {
-            let mut connections = self.shared.connections.lock();
-            for socket in connections.sockets.values() {
-                // Reads see end of file, writes fail; the threads end.
-                let _ = socket.shutdown(Shutdown::Both);
-            }
-            std::mem::take(&mut connections.threads)
-        };
-        for thread in threads {
-            if thread.join().is_err() {
-                error!("admin connection thread panicked");
-            }
-        }
-        info!(addr = %self.local_addr, "admin endpoint stopped");
+        self.service.shutdown();
     }
 }
 
 impl Drop for AdminServer {
     fn drop(&mut self) {
         self.shutdown();
-    }
-}
-
-fn accept_loop(listener: TcpListener, shared: &Arc<Shared>) {
-    for incoming in listener.incoming() {
-        if shared.shutting_down.load(Ordering::SeqCst) {
-            break;
-        }
-        match incoming {
-            Ok(stream) => start_connection(shared, stream),
-            Err(err) => {
-                warn!(error = %err, "admin accept failed");
-                thread::sleep(ACCEPT_ERROR_BACKOFF);
-            }
-        }
-    }
-}
-
-fn start_connection(shared: &Arc<Shared>, stream: TcpStream) {
-    let peer = match stream.peer_addr() {
-        Ok(peer) => peer,
-        Err(err) => {
-            debug!(error = %err, "admin client left before it was served");
-            return;
-        }
-    };
-    let registered = match stream.try_clone() {
-        Ok(registered) => registered,
-        Err(err) => {
-            warn!(%peer, error = %err, "cannot set up admin connection");
-            return;
-        }
-    };
-    let mut connections = shared.connections.lock();
-    reap_finished(&mut connections.threads);
-    if connections.sockets.len() >= CONNECTIONS_MAX {
-        drop(connections);
-        warn!(%peer, reason = "too many connections", "admin request refused");
-        let response = Response::text(
-            503,
-            format!("too many admin connections (at most {CONNECTIONS_MAX}); retry"),
-        );
-        let mut stream = stream;
-        let _ = stream.set_write_timeout(Some(BUSY_WRITE_TIMEOUT));
-        let _ = stream.write_all(&response.to_bytes());
-        let _ = stream.shutdown(Shutdown::Both);
-        return;
-    }
-    let id = connections.next_id;
-    connections.next_id += 1;
-    connections.sockets.insert(id, registered);
-    let thread_shared = Arc::clone(shared);
-    let spawned = thread::Builder::new()
-        .name(format!("admin-conn-{id}"))
-        .spawn(move || {
-            let _unregister = Unregister {
-                shared: &thread_shared,
-                id,
-            };
-            serve_connection(&thread_shared, stream, peer);
-        });
-    match spawned {
-        Ok(thread) => connections.threads.push(thread),
-        Err(err) => {
-            connections.sockets.remove(&id);
-            warn!(%peer, error = %err, "cannot start an admin connection thread");
-        }
-    }
-}
-
-/// Joins the connection threads that have ended, so the list stays as long
-/// as the number of open connections.
-fn reap_finished(threads: &mut Vec<JoinHandle<()>>) {
-    let mut index = 0;
-    while index < threads.len() {
-        if threads[index].is_finished() {
-            if threads.swap_remove(index).join().is_err() {
-                error!("admin connection thread panicked");
-            }
-        } else {
-            index += 1;
-        }
-    }
-}
-
-/// Removes a connection from the registry when its thread ends, even by a
-/// panic.
-struct Unregister<'a> {
-    shared: &'a Shared,
-    id: u64,
-}
-
-impl Drop for Unregister<'_> {
-    fn drop(&mut self) {
-        let socket = self.shared.connections.lock().sockets.remove(&self.id);
-        if let Some(socket) = socket {
-            let _ = socket.shutdown(Shutdown::Both);
-        }
     }
 }
 
@@ -388,7 +235,7 @@ fn serve_connection(shared: &Shared, mut stream: TcpStream, peer: SocketAddr) {
             return;
         }
         Err(HeadError::Io(err)) => {
-            if !shared.shutting_down.load(Ordering::SeqCst) {
+            if !shared.service.is_shutting_down() {
                 debug!(error = %err, "admin connection failed while reading the request");
             }
             return;
@@ -2385,7 +2232,7 @@ last takeover: ?, resumed in ?, replay ?
         let writers: Vec<_> = (0..4u64)
             .map(|t| {
                 let histogram = Arc::clone(&histogram);
-                thread::spawn(move || {
+                std::thread::spawn(move || {
                     for i in 0..20_000u64 {
                         histogram.observe((i * 7919 + t) % 2_000_000);
                     }

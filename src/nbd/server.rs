@@ -22,19 +22,19 @@
 //!   queue closes, the workers finish what was dispatched, and the
 //!   connection thread joins them before closing the socket.
 
-use std::collections::HashMap;
 use std::io::{self, BufReader, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::thread::{self, JoinHandle};
+use std::thread;
 use std::time::{Duration, Instant};
 
 use parking_lot::{Condvar, Mutex};
-use tracing::{debug, error, info, info_span, trace, warn, Span};
+use tracing::{debug, info, info_span, trace, warn, Span};
 
 use super::proto::{self, BadMagic, InfoRequest, OptionDataError, OptionHeader, RequestHeader};
 use super::{Errno, Export, ExportError, Exports};
+use crate::tcp_service::{ServiceState, TcpService};
 
 /// The whole handshake must end within this time: a client that connects
 /// and stalls does not hold a thread for ever.
@@ -59,13 +59,6 @@ const IN_FLIGHT_PAYLOAD_BYTES_MAX: u64 = 256 << 20;
 
 /// Buffer of the reader: many pipelined request headers per system call.
 const READ_BUFFER_BYTES: usize = 64 << 10;
-
-/// After a failed accept (e.g. out of file descriptors), wait this long
-/// before the next, so the accept thread does not spin.
-const ACCEPT_ERROR_BACKOFF: Duration = Duration::from_millis(50);
-
-/// Bounds the connection the server makes to itself to wake its accept.
-const WAKE_CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// Command flags valid on each command. FUA is valid on every command once
 /// `NBD_FLAG_SEND_FUA` is advertised (the spec: the server MUST accept it,
@@ -144,10 +137,7 @@ impl ServerConfig {
 /// [`NbdServer::shutdown`] or drop.
 #[derive(Debug)]
 pub struct NbdServer {
-    local_addr: SocketAddr,
-    shared: Arc<Shared>,
-    /// `None` once shut down.
-    accept_thread: Mutex<Option<JoinHandle<()>>>,
+    service: TcpService,
 }
 
 /// What the accept thread and the connection threads share.
@@ -157,17 +147,8 @@ struct Shared {
     config: ServerConfig,
     /// [`HANDSHAKE_DEADLINE`], shorter in tests.
     handshake_deadline: Duration,
-    shutting_down: AtomicBool,
-    connections: Mutex<Connections>,
-}
-
-#[derive(Debug, Default)]
-struct Connections {
-    next_id: u64,
-    /// A clone of each open connection's socket, to close it at shutdown.
-    sockets: HashMap<u64, TcpStream>,
-    /// Connection threads not yet joined.
-    threads: Vec<JoinHandle<()>>,
+    /// The accept and connection threads' state: shutting down or not.
+    service: Arc<ServiceState>,
 }
 
 impl NbdServer {
@@ -189,175 +170,39 @@ impl NbdServer {
     ) -> io::Result<NbdServer> {
         config.validate()?;
         let listener = TcpListener::bind(addr)?;
-        let local_addr = listener.local_addr()?;
+        let service = ServiceState::new("NBD");
         let shared = Arc::new(Shared {
             exports,
             config,
             handshake_deadline,
-            shutting_down: AtomicBool::new(false),
-            connections: Mutex::new(Connections::default()),
+            service: Arc::clone(&service),
         });
-        let accept_shared = Arc::clone(&shared);
-        let accept_thread = thread::Builder::new()
-            .name("nbd-accept".to_owned())
-            .spawn(move || accept_loop(listener, &accept_shared))?;
-        info!(addr = %local_addr, "NBD server listening");
-        Ok(NbdServer {
-            local_addr,
-            shared,
-            accept_thread: Mutex::new(Some(accept_thread)),
-        })
+        let service = TcpService::start(listener, service, None, move |stream, peer| {
+            serve_connection(&shared, stream, peer)
+        })?;
+        Ok(NbdServer { service })
     }
 
     pub fn local_addr(&self) -> SocketAddr {
-        self.local_addr
+        self.service.local_addr()
     }
 
     /// Stop accepting, close every connection (in-flight requests finish,
     /// their replies may be lost), join the threads. Idempotent; also on
     /// drop.
     pub fn shutdown(&self) {
-        let Some(accept_thread) = self.accept_thread.lock().take() else {
-            return;
-        };
-        self.shared.shutting_down.store(true, Ordering::SeqCst);
-        // The accept thread blocks in accept(2); a connection wakes it, and it
-        // sees the flag before serving anything.
-        let wake_addr = match self.local_addr {
-            SocketAddr::V4(a) if a.ip().is_unspecified() => {
-                SocketAddr::from((std::net::Ipv4Addr::LOCALHOST, a.port()))
-            }
-            SocketAddr::V6(a) if a.ip().is_unspecified() => {
-                SocketAddr::from((std::net::Ipv6Addr::LOCALHOST, a.port()))
-            }
-            addr => addr,
-        };
-        match TcpStream::connect_timeout(&wake_addr, WAKE_CONNECT_TIMEOUT) {
-            Ok(_) => {
-                if accept_thread.join().is_err() {
-                    error!("NBD accept thread panicked");
-                }
-            }
-            // Joining would wait for the next client; leave the thread to
-            // exit when one comes.
-            Err(err) => {
-                error!(addr = %wake_addr, error = %err, "cannot wake the NBD accept thread")
-            }
-        }
-        // No connection is registered after the accept thread has stopped.
-        let threads = {
-            let mut connections = self.shared.connections.lock();
-            for socket in connections.sockets.values() {
-                // Readers see end of file, replies fail; the threads end.
-                let _ = socket.shutdown(Shutdown::Both);
-            }
-            std::mem::take(&mut connections.threads)
-        };
-        for thread in threads {
-            if thread.join().is_err() {
-                error!("NBD connection thread panicked");
-            }
-        }
-        info!(addr = %self.local_addr, "NBD server stopped");
+        self.service.shutdown();
     }
 
     /// Number of open client connections (for status and metrics).
     pub fn connections(&self) -> usize {
-        self.shared.connections.lock().sockets.len()
+        self.service.connections()
     }
 }
 
 impl Drop for NbdServer {
     fn drop(&mut self) {
         self.shutdown();
-    }
-}
-
-fn accept_loop(listener: TcpListener, shared: &Arc<Shared>) {
-    for incoming in listener.incoming() {
-        if shared.shutting_down.load(Ordering::SeqCst) {
-            break;
-        }
-        match incoming {
-            Ok(stream) => start_connection(shared, stream),
-            Err(err) => {
-                warn!(error = %err, "NBD accept failed");
-                thread::sleep(ACCEPT_ERROR_BACKOFF);
-            }
-        }
-    }
-}
-
-fn start_connection(shared: &Arc<Shared>, stream: TcpStream) {
-    let peer = match stream.peer_addr() {
-        Ok(peer) => peer,
-        Err(err) => {
-            debug!(error = %err, "NBD client left before it was served");
-            return;
-        }
-    };
-    // The spec: both sides SHOULD disable Nagle, so that a reply is not held
-    // back waiting for an ACK.
-    let registered = stream.set_nodelay(true).and_then(|()| stream.try_clone());
-    let registered = match registered {
-        Ok(registered) => registered,
-        Err(err) => {
-            warn!(%peer, error = %err, "cannot set up NBD connection");
-            return;
-        }
-    };
-    let mut connections = shared.connections.lock();
-    reap_finished(&mut connections.threads);
-    let id = connections.next_id;
-    connections.next_id += 1;
-    connections.sockets.insert(id, registered);
-    let thread_shared = Arc::clone(shared);
-    let spawned = thread::Builder::new()
-        .name(format!("nbd-conn-{id}"))
-        .spawn(move || {
-            let _unregister = Unregister {
-                shared: &thread_shared,
-                id,
-            };
-            serve_connection(&thread_shared, stream, peer);
-        });
-    match spawned {
-        Ok(thread) => connections.threads.push(thread),
-        Err(err) => {
-            connections.sockets.remove(&id);
-            warn!(%peer, error = %err, "cannot start an NBD connection thread");
-        }
-    }
-}
-
-/// Joins the connection threads that have ended, so the list stays as long
-/// as the number of open connections.
-fn reap_finished(threads: &mut Vec<JoinHandle<()>>) {
-    let mut index = 0;
-    while index < threads.len() {
-        if threads[index].is_finished() {
-            if threads.swap_remove(index).join().is_err() {
-                error!("NBD connection thread panicked");
-            }
-        } else {
-            index += 1;
-        }
-    }
-}
-
-/// Removes a connection from the registry when its thread ends, even by a
-/// panic.
-struct Unregister<'a> {
-    shared: &'a Shared,
-    id: u64,
-}
-
-impl Drop for Unregister<'_> {
-    fn drop(&mut self) {
-        let socket = self.shared.connections.lock().sockets.remove(&self.id);
-        if let Some(socket) = socket {
-            let _ = socket.shutdown(Shutdown::Both);
-        }
     }
 }
 
@@ -434,7 +279,7 @@ fn serve_connection(shared: &Shared, stream: TcpStream, peer: SocketAddr) {
     };
     match result {
         // The server closed the socket; the reader saw it as end of file.
-        _ if shared.shutting_down.load(Ordering::SeqCst) => {
+        _ if shared.service.is_shutting_down() => {
             info!("NBD connection closed: server shutting down")
         }
         Ok(()) => info!("NBD client disconnected"),
@@ -566,7 +411,7 @@ fn handshake(shared: &Shared, stream: &TcpStream) -> Result<HandshakeEnd, Connec
         let mut data = vec![0; length_bytes as usize];
         read_before(stream, deadline, &mut data, "reading option data")?;
 
-        if shared.shutting_down.load(Ordering::SeqCst) {
+        if shared.service.is_shutting_down() {
             match option {
                 proto::NBD_OPT_ABORT => {}
                 // Cannot be answered with an error: hard disconnect.
