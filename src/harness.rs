@@ -164,6 +164,16 @@ impl PairHarness {
 }
 
 impl NodeProcess {
+    /// The NBD URI of `volume` on this node's address.
+    pub fn uri(&self, volume: &str) -> String {
+        format!("nbd://{}/{volume}", self.nbd)
+    }
+
+    /// What the node logged so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log_path).unwrap_or_default()
+    }
+
     /// GET /status from the node's admin endpoint.
     pub fn status(&self) -> Result<serde_json::Value> {
         let (code, body) =

@@ -18,7 +18,7 @@ fn bad_nbd_requests_get_errors_and_disturb_no_one() {
 
     // Garbage instead of a handshake reply: the server drops that
     // connection only.
-    let mut garbage = TcpStream::connect(("127.0.0.1", pair.node(1).nbd_port)).expect("connect");
+    let mut garbage = TcpStream::connect(("127.0.0.1", pair.node(1).nbd.port())).expect("connect");
     garbage
         .set_read_timeout(Some(Duration::from_secs(10)))
         .expect("timeout");
@@ -79,6 +79,14 @@ print("data intact")
     // Everyone else is fine.
     let verify = tool_ok("qemu-io", &["-f", "raw", &uri, "-c", "read -P 0x11 0 64k"]);
     assert!(!verify.contains("Pattern verification failed"), "{verify}");
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .expect("bind")
+        .local_addr()
+        .expect("addr")
+        .port()
 }
 
 fn node_with_config(dir: &std::path::Path, text: &str) -> (bool, String) {

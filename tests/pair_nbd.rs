@@ -17,7 +17,7 @@ fn stock_clients_write_and_read_back_and_the_mirror_is_identical() {
         "nbdinfo",
         &[
             "--list",
-            &format!("nbd://127.0.0.1:{}", pair.node(1).nbd_port),
+            &format!("nbd://127.0.0.1:{}", pair.node(1).nbd.port()),
         ],
     );
     assert!(
@@ -137,7 +137,8 @@ print("nbdsh ok")
     );
 
     // A clean stop: SIGTERM, a final consistency point, exit 0.
-    assert!(pair.node(1).terminate().success(), "{}", pair.node(1).log());
+    let stopped = pair.node(1).stop(Duration::from_secs(30)).expect("SIGTERM");
+    assert!(stopped.success(), "{}", pair.node(1).log());
     let dump = std::process::Command::new(nvmirror_bin())
         .args(["nvlog", "dump"])
         .arg(pair.nvram(1))
@@ -148,7 +149,7 @@ print("nbdsh ok")
         dump.contains("0 live records"),
         "the final CP flushed everything:\n{dump}"
     );
-    pair.node(1).start();
+    pair.node(1).start(START).expect("restart node 1");
     let verify = tool_ok("qemu-io", &["-f", "raw", &uri0, "-c", "read -P 0xb2 1M 1M"]);
     assert!(!verify.contains("Pattern verification failed"), "{verify}");
     let compare = tool_ok(
@@ -177,15 +178,16 @@ fn partner_down_marks_out_of_sync_and_partner_back_resyncs() {
         &["-f", "raw", &uri, "-c", "write -P 0x5a 0 256k"],
     );
     let mailbox = pair.mailbox(1);
-    assert_eq!(mailbox["mirror_in_sync"], false, "{mailbox}");
+    assert!(!mailbox.mirror_in_sync, "{mailbox:?}");
     assert!(
-        mailbox["out_of_sync_reason"]
-            .as_str()
+        mailbox
+            .out_of_sync_reason
+            .as_deref()
             .is_some_and(|r| !r.is_empty()),
-        "{mailbox}"
+        "{mailbox:?}"
     );
 
-    pair.node(2).start();
+    pair.node(2).start(START).expect("restart node 2");
     pair.wait_in_sync(1);
     tool_ok(
         "qemu-io",
@@ -267,7 +269,7 @@ except Exception as e:
     );
     let in_flight_block = (acked * 7919) % 4096;
 
-    pair.node(1).start();
+    pair.node(1).start(START).expect("restart node 1");
     let expected = latest
         .iter()
         .map(|(b, v)| format!("{b}: {v}"))

@@ -3,22 +3,15 @@
 //! libnbd-bin) run with a deadline. Used by the process-level tests.
 #![allow(dead_code)]
 
-use std::io::Read;
-use std::net::TcpStream;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::path::PathBuf;
+use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
+
+use nvmirror::harness::{NodeProcess, PairHarness, PairSpec};
+use nvmirror::mailbox::MailboxState;
 
 pub const VOLUME_BYTES: u64 = 16 << 20;
 pub const HALF_BYTES: u64 = 1 << 20;
-
-pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .expect("bind")
-        .local_addr()
-        .expect("addr")
-        .port()
-}
 
 /// Fail (never skip) when a client is missing: the README's test command
 /// installs it, and a skipped test would hide a regression.
@@ -113,244 +106,75 @@ pub fn wait_for(what: &str, timeout: Duration, mut condition: impl FnMut() -> bo
     }
 }
 
-/// One node process of a pair.
-#[derive(Debug)]
-pub struct NodeProcess {
-    pub node_id: u32,
-    pub config_path: PathBuf,
-    pub nbd_port: u16,
-    pub child: Option<Child>,
-    pub log_path: PathBuf,
-}
+pub const START: Duration = Duration::from_secs(30);
 
-impl NodeProcess {
-    pub fn uri(&self, volume: &str) -> String {
-        format!("nbd://127.0.0.1:{}/{volume}", self.nbd_port)
-    }
-
-    pub fn start(&mut self) {
-        assert!(
-            self.child.is_none(),
-            "node {} already running",
-            self.node_id
-        );
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&self.log_path)
-            .expect("node log file");
-        let child = Command::new(nvmirror_bin())
-            .args(["node", "--config"])
-            .arg(&self.config_path)
-            .env("RUST_LOG", "info")
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().expect("log"))
-            .stderr(log)
-            .spawn()
-            .expect("spawn nvmirror node");
-        self.child = Some(child);
-        let port = self.nbd_port;
-        wait_for(
-            &format!("node {} to serve NBD", self.node_id),
-            Duration::from_secs(30),
-            || {
-                self.assert_running();
-                TcpStream::connect(("127.0.0.1", port)).is_ok()
-            },
-        );
-    }
-
-    fn assert_running(&mut self) {
-        if let Some(child) = self.child.as_mut() {
-            if let Some(status) = child.try_wait().expect("try_wait") {
-                panic!(
-                    "node {} exited early with {status}:\n{}",
-                    self.node_id,
-                    self.log()
-                );
-            }
-        }
-    }
-
-    pub fn pid(&self) -> i32 {
-        self.child.as_ref().expect("running").id() as i32
-    }
-
-    /// kill -9: no chance to flush anything.
-    pub fn kill9(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-
-    /// SIGTERM and wait for the clean shutdown; returns the exit status.
-    pub fn terminate(&mut self) -> std::process::ExitStatus {
-        let mut child = self.child.take().expect("running");
-        nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(child.id() as i32),
-            nix::sys::signal::Signal::SIGTERM,
-        )
-        .expect("SIGTERM");
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            if let Some(status) = child.try_wait().expect("try_wait") {
-                return status;
-            }
-            if Instant::now() > deadline {
-                let _ = child.kill();
-                panic!("node {} did not stop within 30 s of SIGTERM", self.node_id);
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-
-    pub fn log(&self) -> String {
-        let mut text = String::new();
-        if let Ok(mut file) = std::fs::File::open(&self.log_path) {
-            let _ = file.read_to_string(&mut text);
-        }
-        text
-    }
-}
-
-impl Drop for NodeProcess {
-    fn drop(&mut self) {
-        self.kill9();
-    }
-}
-
-/// Two node processes sharing an aggregate directory.
+/// Two node processes sharing an aggregate directory (the library's pair
+/// harness, run from a temporary directory, with automatic takeover off:
+/// these tests are about one node's behaviour).
 #[derive(Debug)]
 pub struct Pair {
     pub dir: tempfile::TempDir,
-    pub nodes: [NodeProcess; 2],
+    harness: PairHarness,
 }
 
 impl Pair {
-    /// Write the configs and start both nodes; wait until node 1 mirrors in sync.
+    /// Configure and start both nodes; wait until both mirror in sync.
     pub fn start() -> Pair {
-        let pair = Pair::configure("");
-        pair.started()
-    }
-
-    /// Write configs with `extra` appended to both; nothing started.
-    pub fn configure(extra: &str) -> Pair {
         let dir = tempfile::tempdir().expect("tempdir");
-        let ic = [free_port(), free_port()];
-        let nbd = [free_port(), free_port()];
-        let nodes = [1u32, 2].map(|node_id| {
-            let me = (node_id - 1) as usize;
-            let config_path = dir.path().join(format!("node{node_id}.toml"));
-            let text = format!(
-                r#"node_id = {node_id}
-data_dir = "{root}/node{node_id}"
-aggregate_dir = "{root}/aggregate"
-[nvram]
-half_size = {HALF_BYTES}
-[nbd]
-listen = "127.0.0.1:{nbd_port}"
-[[volume]]
-name = "vol0"
-size = {VOLUME_BYTES}
-[[volume]]
-name = "vol1"
-size = {VOLUME_BYTES}
-[interconnect]
-listen = "127.0.0.1:{listen}"
-partner = "127.0.0.1:{partner}"
-key = "a pre-shared key for the test pair"
-heartbeat_interval_ms = 50
-heartbeat_timeout_ms = 1000
-[checkpoint]
-interval_ms = 1000
-{extra}
-{ha}
-"#,
-                root = dir.path().display(),
-                nbd_port = nbd[me],
-                listen = ic[me],
-                partner = ic[1 - me],
-                // These tests are about one node's behaviour: no takeover
-                // unless a test asks for HA.
-                ha = if extra.contains("[ha]") {
-                    ""
-                } else {
-                    "[ha]\nauto_takeover = false"
-                },
-            );
-            std::fs::write(&config_path, text).expect("write config");
-            NodeProcess {
-                node_id,
-                config_path,
-                nbd_port: nbd[me],
-                child: None,
-                log_path: dir.path().join(format!("node{node_id}.log")),
-            }
-        });
-        Pair { dir, nodes }
-    }
-
-    pub fn started(mut self) -> Pair {
-        for node in &mut self.nodes {
-            node.start();
+        let mut harness = PairHarness::configure(PairSpec {
+            dir: dir.path().to_owned(),
+            volumes: vec![("vol0".into(), VOLUME_BYTES), ("vol1".into(), VOLUME_BYTES)],
+            half_bytes: HALF_BYTES,
+            extra_config: "[checkpoint]\ninterval_ms = 1000\n".into(),
+            ha_config: "auto_takeover = false\n".into(),
+            binary: Some(nvmirror_bin().into()),
+        })
+        .expect("configure the pair");
+        // Volume names are unique across the pair.
+        let path = harness.node(2).config_path.clone();
+        let text = std::fs::read_to_string(&path).expect("config");
+        std::fs::write(
+            &path,
+            text.replace("\"vol0\"", "\"vol2-0\"")
+                .replace("\"vol1\"", "\"vol2-1\""),
+        )
+        .expect("config");
+        for node in [1, 2] {
+            harness.node(node).start(START).expect("start node");
         }
-        self.wait_in_sync(1);
-        self.wait_in_sync(2);
-        self
+        let pair = Pair { dir, harness };
+        pair.wait_in_sync(1);
+        pair.wait_in_sync(2);
+        pair
     }
 
     pub fn node(&mut self, node_id: u32) -> &mut NodeProcess {
-        &mut self.nodes[(node_id - 1) as usize]
-    }
-
-    pub fn aggregate(&self) -> PathBuf {
-        self.dir.path().join("aggregate")
+        self.harness.node(node_id)
     }
 
     pub fn nvram(&self, node_id: u32) -> PathBuf {
-        self.dir.path().join(format!("node{node_id}/nvram"))
+        self.harness.nvram(node_id)
     }
 
-    /// The mailbox JSON of `node_id`.
-    pub fn mailbox(&self, node_id: u32) -> serde_json::Value {
-        let path = self.aggregate().join(format!("node-{node_id}.mailbox"));
-        let text =
-            std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-        serde_json::from_str(&text).expect("mailbox JSON")
+    /// What node `node_id`'s mailbox says.
+    pub fn mailbox(&self, node_id: u32) -> MailboxState {
+        self.harness
+            .mailbox(node_id)
+            .expect("mailbox")
+            .expect("mailbox written")
     }
 
     pub fn in_sync(&self, node_id: u32) -> bool {
-        let path = self.aggregate().join(format!("node-{node_id}.mailbox"));
-        std::fs::read_to_string(path)
-            .ok()
-            .and_then(|text| serde_json::from_str::<serde_json::Value>(&text).ok())
-            .is_some_and(|mailbox| mailbox["mirror_in_sync"] == true)
+        self.harness.in_sync(node_id)
     }
 
     pub fn wait_in_sync(&self, node_id: u32) {
-        wait_for(
-            &format!("node {node_id} to mirror in sync"),
-            Duration::from_secs(30),
-            || self.in_sync(node_id),
-        );
+        self.harness.wait_in_sync(node_id, START).expect("in sync");
     }
 
     /// Node `writer`'s live log and node `mirror`'s partner-mirror area hold
-    /// the same bytes (read through the NVRAM files: the nodes map them
-    /// shared, so the files show the current bytes).
+    /// the same bytes.
     pub fn mirror_matches(&self, writer: u32, mirror: u32) -> bool {
-        let log_len = 4096 + 2 * HALF_BYTES;
-        let local = read_range(&self.nvram(writer), 4096, log_len);
-        let image = read_range(&self.nvram(mirror), 4096 + log_len, log_len);
-        local == image
+        self.harness.mirror_matches(writer, mirror).unwrap_or(false)
     }
-}
-
-pub fn read_range(path: &Path, offset: u64, len: u64) -> Vec<u8> {
-    use std::os::unix::fs::FileExt;
-    let file = std::fs::File::open(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-    let mut bytes = vec![0u8; len as usize];
-    file.read_exact_at(&mut bytes, offset).expect("read NVRAM");
-    bytes
 }
