@@ -24,19 +24,14 @@ CARGO ?= cargo
 # Crates with a fuzz/ directory (cargo-fuzz layout).
 FUZZ_CRATES := $(patsubst %/fuzz/Cargo.toml,%,$(wildcard */fuzz/Cargo.toml))
 
-DEMO_SECONDS ?= 10
 DRILL_CYCLES ?= 6
 
-.PHONY: drill demo test deps lint unit loom fuzz-smoke fuzz bench-smoke bench
+.PHONY: drill test deps lint unit loom fuzz-smoke fuzz bench-smoke bench
 
 drill: deps
 	$(CARGO) build --release --locked -p nvmirror
 	./target/release/nvmirror drill --cycles $(DRILL_CYCLES) --profile-takeover
 
-## demo: a pair, a workload, a partner outage without takeover, a restart.
-demo: deps
-	$(CARGO) build --release --locked -p nvmirror
-	./target/release/nvmirror demo --seconds $(DEMO_SECONDS)
 
 test: deps unit loom fuzz-smoke bench-smoke
 	@echo "make test: all tiers passed"

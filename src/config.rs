@@ -18,7 +18,7 @@
 //! size = "10GiB"
 //!
 //! [interconnect]
-//! transport = "tcp"                   # or "rdma"
+//! transport = "tcp"                   # "rdma": not in this build yet
 //! listen = "10.0.0.1:7100"            # the partner mirrors into us here
 //! partner = "10.0.0.2:7100"           # we mirror into the partner here
 //! key = "a long random secret"        # or key_file = "/etc/nvmirror/key"
@@ -39,6 +39,7 @@
 //! hook = "/etc/nvmirror/move-ip.sh"   # run on takeover and giveback
 //! ```
 
+use std::io::Read;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
@@ -378,6 +379,12 @@ impl Config {
             }
         }
         let ic = &self.interconnect;
+        if ic.transport == TransportKind::Rdma {
+            return Err(invalid(
+                "interconnect.transport",
+                "\"rdma\" is not available in this build yet; use \"tcp\"",
+            ));
+        }
         if ic.slots == 0 || ic.slots > 4096 {
             return Err(invalid("interconnect.slots", "must be between 1 and 4096"));
         }
@@ -454,12 +461,27 @@ impl Config {
                 ),
             ));
         }
-        let bytes = std::fs::read(path).map_err(|error| {
-            invalid(
+        // The length from `metadata` is 0 for devices and pseudo-files
+        // (`/dev/zero` would be read until memory runs out): bound the
+        // read itself too.
+        let mut bytes = Vec::new();
+        std::fs::File::open(path)
+            .and_then(|file| file.take(KEY_FILE_MAX_BYTES + 1).read_to_end(&mut bytes))
+            .map_err(|error| {
+                invalid(
+                    "interconnect.key_file",
+                    format!("{}: {error}", path.display()),
+                )
+            })?;
+        if bytes.len() as u64 > KEY_FILE_MAX_BYTES {
+            return Err(invalid(
                 "interconnect.key_file",
-                format!("{}: {error}", path.display()),
-            )
-        })?;
+                format!(
+                    "{} is larger than {KEY_FILE_MAX_BYTES} bytes",
+                    path.display()
+                ),
+            ));
+        }
         let trimmed = bytes.trim_ascii_end();
         Ok(trimmed.to_vec())
     }

@@ -1,5 +1,5 @@
-//! A pair of `nvmirror node` processes on this machine, for `nvmirror demo`
-//! (and drills): configs in a fresh directory, ports on loopback, start,
+//! A pair of `nvmirror node` processes on this machine, for `nvmirror drill`
+//! and the process tests: configs in a fresh directory, ports on loopback, start,
 //! stop, kill -9, and what their mailboxes and NVRAM files say.
 
 use std::net::{SocketAddr, TcpStream};
@@ -81,7 +81,7 @@ impl PairHarness {
                  [nbd]\nlisten = \"127.0.0.1:{nbd_port}\"\n\
                  {volumes}\
                  [interconnect]\nlisten = \"127.0.0.1:{listen}\"\npartner = \"127.0.0.1:{partner}\"\n\
-                 key = \"demo pair key: generate your own for a real pair\"\n\
+                 key = \"drill pair key: generate your own for a real pair\"\n\
                  heartbeat_interval_ms = 50\nheartbeat_timeout_ms = 1000\n\
                  {extra}\n\
                  [ha]\nadmin_listen = \"127.0.0.1:{admin_port}\"\nmailbox_interval_ms = 100\nmailbox_timeout_ms = 1000\n{ha_extra}\n",

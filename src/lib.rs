@@ -11,12 +11,11 @@
 //! - [`volume`]: a volume's backing file.
 //! - [`nbd`]: the NBD front end; [`serve`] runs a node behind it.
 //! - [`inspect`]: `nvmirror nvlog dump`.
-//! - [`drill`], [`demo`], [`harness`], [`workload`]: failover drills and a
-//!   demo, a pair on this machine under a verifying workload.
+//! - [`drill`], [`harness`], [`workload`]: failover drills, a pair on this
+//!   machine under a verifying workload.
 
 pub mod admin;
 pub mod config;
-pub mod demo;
 pub mod drill;
 pub mod error;
 pub mod extents;

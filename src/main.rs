@@ -56,22 +56,6 @@ enum Command {
         #[arg(long)]
         profile_takeover: bool,
     },
-    /// Start a pair on this machine, run a verifying workload through NBD,
-    /// take the partner down and back, restart, verify, report.
-    Demo {
-        /// Directory for the pair's files (default: a fresh one under /tmp).
-        #[arg(long)]
-        dir: Option<PathBuf>,
-        /// Seconds of mirrored workload.
-        #[arg(long, default_value_t = 10)]
-        seconds: u64,
-        /// Concurrent writers (NBD connections).
-        #[arg(long, default_value_t = 4)]
-        writers: u64,
-        /// Seed of the workload's choices.
-        #[arg(long)]
-        seed: Option<u64>,
-    },
     /// Show what a node says about the pair: states, mirror, ownership, log.
     Status {
         #[command(flatten)]
@@ -230,29 +214,6 @@ fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
                     "the drill found lost or wrong data; replay with --seed {seed}"
                 )
                 .into());
-            }
-        }
-        Command::Demo {
-            dir,
-            seconds,
-            writers,
-            seed,
-        } => {
-            init_logging(Some("warn"));
-            let dir = dir.unwrap_or_else(|| {
-                std::env::temp_dir().join(format!("nvmirror-demo-{}", std::process::id()))
-            });
-            let seed = seed.unwrap_or_else(rand::random);
-            let options = nvmirror::demo::DemoOptions {
-                dir,
-                seconds,
-                writers,
-                seed,
-            };
-            let (passed, report) = nvmirror::demo::run(&options)?;
-            print!("{report}");
-            if !passed {
-                return Err(format!("the demo found a problem; replay with --seed {seed}").into());
             }
         }
         Command::Status { target, json } => {

@@ -307,9 +307,8 @@ impl Mirror {
             }
             *woken = false;
         }
-        if let Some(queue) = self.queue.lock().take() {
-            drop(queue);
-        }
+        // Close the session: the queue and its transport go.
+        self.queue.lock().take();
     }
 
     fn connect_and_resync(&self, log: &nvlog::Log) -> Result<()> {

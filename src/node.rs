@@ -170,7 +170,8 @@ impl Node {
             events: events_tx,
         });
 
-        // Until the partner's mirror is resynced, it cannot be trusted.
+        // Publish the mailbox: "out of sync" until the first resync, since
+        // nothing says what the partner's mirror holds.
         inner.mailbox.update(|_| {})?;
         crate::ha::boot(&inner)?;
 

@@ -5,7 +5,7 @@
 //! never written at all.
 
 use std::collections::HashMap;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
@@ -178,20 +178,6 @@ pub fn verify(client: &mut NbdClient, ledger: &Ledger) -> Result<Verification, C
     Ok(result)
 }
 
-/// p-th percentile of `values` (sorted in place).
-pub fn percentile(values: &mut [u64], p: f64) -> u64 {
-    if values.is_empty() {
-        return 0;
-    }
-    values.sort_unstable();
-    let rank = ((values.len() as f64 - 1.0) * p).round() as usize;
-    values[rank]
-}
-
-pub fn connect(addr: std::net::SocketAddr, volume: &str) -> Result<NbdClient, ClientError> {
-    NbdClient::connect(addr, volume, Duration::from_secs(10))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -205,13 +191,5 @@ mod tests {
         assert_ne!(a, block_pattern(1, 5, 1));
         assert_eq!(a, block_pattern(0, 5, 1));
         assert_eq!(Stamp::from_le_bytes(a[..8].try_into().expect("8")), 1);
-    }
-
-    #[test]
-    fn percentiles() {
-        let mut values = vec![5, 1, 4, 2, 3];
-        assert_eq!(percentile(&mut values, 0.5), 3);
-        assert_eq!(percentile(&mut values, 1.0), 5);
-        assert_eq!(percentile(&mut [], 0.5), 0);
     }
 }

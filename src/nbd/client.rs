@@ -1,6 +1,6 @@
 //! A small blocking NBD client (fixed newstyle, `NBD_OPT_GO`, simple
 //! replies, one request at a time): the workload and verifier of
-//! `nvmirror demo` and `nvmirror drill`. Several clients give concurrency.
+//! `nvmirror drill` and the tests. Several clients give concurrency.
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
