@@ -452,6 +452,15 @@ impl Config {
                 format!("{}: {error}", path.display()),
             )
         })?;
+        // A FIFO or a terminal would block the start-up for ever, a device
+        // like /dev/zero would be read until memory runs out: a key is a
+        // regular file.
+        if !metadata.is_file() {
+            return Err(invalid(
+                "interconnect.key_file",
+                format!("{} is not a regular file", path.display()),
+            ));
+        }
         if metadata.len() > KEY_FILE_MAX_BYTES {
             return Err(invalid(
                 "interconnect.key_file",
@@ -461,9 +470,7 @@ impl Config {
                 ),
             ));
         }
-        // The length from `metadata` is 0 for devices and pseudo-files
-        // (`/dev/zero` would be read until memory runs out): bound the
-        // read itself too.
+        // /proc files say 0 bytes: bound the read itself too.
         let mut bytes = Vec::new();
         std::fs::File::open(path)
             .and_then(|file| file.take(KEY_FILE_MAX_BYTES + 1).read_to_end(&mut bytes))

@@ -19,7 +19,7 @@ use std::fmt;
 use std::sync::Arc;
 
 pub mod client;
-mod proto;
+pub mod proto;
 mod server;
 pub mod testing;
 #[cfg(test)]

@@ -1,0 +1,7 @@
+//! Fuzz the configuration parser (see `check_config`).
+#![no_main]
+
+#[path = "../../tests/fuzz_checks/mod.rs"]
+mod fuzz_checks;
+
+libfuzzer_sys::fuzz_target!(|data: &[u8]| fuzz_checks::check_config(data));
