@@ -19,10 +19,11 @@ SHELL := /bin/bash
 # crates, and the stock NBD clients the tests drive (qemu-io, qemu-img;
 # nbdinfo, nbdcopy; nbdsh).
 APT_PACKAGES := build-essential pkg-config qemu-utils libnbd-bin python3-libnbd
-FUZZ_SECONDS ?= 20
+FUZZ_SECONDS ?= 15
 CARGO ?= cargo
-# Crates with a fuzz/ directory (cargo-fuzz layout).
-FUZZ_CRATES := $(patsubst %/fuzz/Cargo.toml,%,$(wildcard */fuzz/Cargo.toml))
+# Crates with a fuzz/ directory (cargo-fuzz layout): the root package's and
+# each member's.
+FUZZ_CRATES := $(if $(wildcard fuzz/Cargo.toml),.) $(patsubst %/fuzz/Cargo.toml,%,$(wildcard */fuzz/Cargo.toml))
 
 DRILL_CYCLES ?= 6
 
