@@ -110,6 +110,29 @@ fn tag(mac: HmacSha256) -> [u8; MAC_LEN] {
     mac.finalize().into_bytes().into()
 }
 
+/// HMAC-SHA256 of `parts`, in order, under the pre-shared key: the proofs
+/// of the RDMA handshake, which carries its own labels and fields.
+#[cfg(feature = "rdma")]
+pub(crate) fn proof(key: &PresharedKey, parts: &[&[u8]]) -> [u8; MAC_LEN] {
+    let mut mac = key.mac();
+    parts.iter().for_each(|part| mac.update(part));
+    tag(mac)
+}
+
+/// Checks a proof made by [`proof`], in constant time.
+#[cfg(feature = "rdma")]
+pub(crate) fn verify_proof(key: &PresharedKey, parts: &[&[u8]], proof: &[u8]) -> bool {
+    let mut mac = key.mac();
+    parts.iter().for_each(|part| mac.update(part));
+    mac.verify_slice(proof).is_ok()
+}
+
+/// A random, non-zero session id.
+#[cfg(feature = "rdma")]
+pub(crate) fn session_id() -> u64 {
+    new_session_id()
+}
+
 /// Fresh random bytes from the OS.
 pub(crate) fn random_bytes<const N: usize>() -> [u8; N] {
     let mut bytes = [0u8; N];

@@ -340,6 +340,72 @@ pub enum Error {
     /// The connection was replaced by a newer session.
     #[error("the connection was superseded by a newer session")]
     Superseded,
+
+    // --- RDMA ---
+    /// A verbs or rdma_cm call failed.
+    #[error("RDMA error while {context}")]
+    Rdma {
+        /// What we were doing.
+        context: &'static str,
+        /// The OS error the library reported.
+        #[source]
+        source: io::Error,
+    },
+    /// rdma_cm reported an event other than the one the step waits for.
+    #[error("RDMA connection manager: {event} (status {status}) while waiting for {expected}")]
+    RdmaCmEvent {
+        /// The event the step waits for.
+        expected: &'static str,
+        /// The event that came, as librdmacm names it.
+        event: String,
+        /// The event's status (a negative errno or a reject reason).
+        status: i32,
+    },
+    /// A step of connection set-up did not finish in time.
+    #[error("timed out after {waited_ms} ms while {context}")]
+    RdmaTimedOut {
+        /// The step.
+        context: &'static str,
+        /// How long it waited.
+        waited_ms: u64,
+    },
+    /// A work request completed in error: the queue pair is in the error
+    /// state and every later request is flushed.
+    #[error(
+        "RDMA {kind} work request failed: {status} (status {code}, vendor error {vendor_err:#x})"
+    )]
+    WorkRequestFailed {
+        /// Write, control send or receive.
+        kind: &'static str,
+        /// The status as libibverbs names it.
+        status: String,
+        /// `ibv_wc_status`.
+        code: u32,
+        /// The device's own error code.
+        vendor_err: u32,
+    },
+    /// The partner closed the RDMA connection (or the QP exchange broke).
+    #[error("RDMA connection closed ({event})")]
+    RdmaDisconnected {
+        /// The rdma_cm event that said so.
+        event: String,
+    },
+    /// The RDMA device went away under the connection.
+    #[error("the RDMA device {device} was removed")]
+    DeviceRemoved {
+        /// Its name.
+        device: String,
+    },
+    /// rdma_cm resolved the address to another device than the configured one.
+    #[error("{addr} resolves to RDMA device {found}, but the configuration asks for {wanted}")]
+    WrongDevice {
+        /// The address resolved.
+        addr: SocketAddr,
+        /// The configured device.
+        wanted: String,
+        /// The device rdma_cm chose.
+        found: String,
+    },
 }
 
 impl Error {

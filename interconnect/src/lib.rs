@@ -15,10 +15,13 @@
 //! - [`tcp`]: the TCP transport ([`tcp::TcpSender`] dials,
 //!   [`tcp::MirrorReceiver`] accepts and applies), framed, checksummed,
 //!   authenticated ([`auth`]).
+//! - `rdma` (cargo feature `rdma`): the RDMA transport (`rdma::RdmaSender`,
+//!   `rdma::RdmaReceiver`) over rdma_cm and an RC queue pair; its `unsafe`
+//!   lives in `rdma::verbs`.
 //! - [`inproc`]: an in-process transport with delay/drop/cut knobs.
 //! - [`control`]: typed control messages, events, the failure detector.
 //! - [`SharedMemory`] (`memory.rs`): the local log and mirror memory, owned
-//!   by the node; all of the crate's `unsafe` is there.
+//!   by the node; all of the crate's `unsafe` outside `rdma::verbs` is there.
 //!
 //! The loom model of the slot accounting runs with
 //! `RUSTFLAGS="--cfg loom" CARGO_TARGET_DIR=target/loom cargo test -p interconnect --release --lib loom`.
@@ -29,6 +32,8 @@ mod error;
 pub mod inproc;
 mod memory;
 pub mod queue;
+#[cfg(feature = "rdma")]
+pub mod rdma;
 mod sync;
 pub mod tcp;
 pub mod transport;
@@ -38,6 +43,8 @@ pub use control::{decode_control, ControlEvent, ControlMessage, Direction, Failu
 pub use error::{Error, RefuseReason};
 pub use memory::SharedMemory;
 pub use queue::{Completions, MirrorWrite, Reservation, SendQueue, WriteId};
+#[cfg(feature = "rdma")]
+pub use rdma::{RdmaConfig, RdmaReceiver, RdmaSender};
 pub use tcp::wire::decode_frame;
 pub use tcp::{MirrorReceiver, ReceiverStats, TcpConfig, TcpSender};
 pub use transport::{Transport, TransportLimits, WorkRequest};

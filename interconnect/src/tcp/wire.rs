@@ -263,7 +263,7 @@ pub enum HandshakeStatus {
 }
 
 impl HandshakeStatus {
-    fn from_u16(status: u16) -> Result<Self, &'static str> {
+    pub(crate) fn from_u16(status: u16) -> Result<Self, &'static str> {
         match status {
             0 => Ok(Self::Ok),
             1 => Ok(Self::UnknownVersion),
