@@ -379,10 +379,11 @@ impl Config {
             }
         }
         let ic = &self.interconnect;
-        if ic.transport == TransportKind::Rdma {
+        if ic.transport == TransportKind::Rdma && !cfg!(feature = "rdma") {
             return Err(invalid(
                 "interconnect.transport",
-                "\"rdma\" is not available in this build yet; use \"tcp\"",
+                "\"rdma\" needs a build with RDMA (cargo build --features rdma, with libibverbs-dev \
+                 librdmacm-dev clang libclang-dev installed); use \"tcp\" with this one",
             ));
         }
         if ic.slots == 0 || ic.slots > 4096 {

@@ -108,10 +108,15 @@ fn failed(reason: impl Into<String>) -> Error {
 
 /// Run the drill; returns whether it passed, and the report.
 pub fn run(options: &DrillOptions) -> Result<(bool, String)> {
-    if options.transport != "tcp" {
+    if options.transport != "tcp" && !(options.transport == "rdma" && cfg!(feature = "rdma")) {
         return Err(failed(format!(
-            "transport `{}` is not available in this build; the drill runs over tcp",
-            options.transport
+            "transport `{}` is not available in this build (tcp{})",
+            options.transport,
+            if cfg!(feature = "rdma") {
+                ", rdma"
+            } else {
+                "; rdma needs --features rdma"
+            }
         )));
     }
     let mut report = String::new();
@@ -125,6 +130,7 @@ pub fn run(options: &DrillOptions) -> Result<(bool, String)> {
         options.dir.display()
     );
     let mut pair = start_pair(
+        options,
         &options.dir.join("pair"),
         "[checkpoint]\ninterval_ms = 1000\n",
         "",
@@ -215,7 +221,12 @@ fn opt(value: Option<u64>) -> String {
     value.map_or_else(|| "-".to_owned(), |v| v.to_string())
 }
 
-fn start_pair(dir: &std::path::Path, extra: &str, ha: &str) -> Result<PairHarness> {
+fn start_pair(
+    options: &DrillOptions,
+    dir: &std::path::Path,
+    extra: &str,
+    ha: &str,
+) -> Result<PairHarness> {
     let mut pair = PairHarness::configure(PairSpec {
         dir: dir.to_owned(),
         volumes: vec![("vol1".into(), VOLUME_BYTES)],
@@ -223,6 +234,7 @@ fn start_pair(dir: &std::path::Path, extra: &str, ha: &str) -> Result<PairHarnes
         extra_config: extra.to_owned(),
         ha_config: ha.to_owned(),
         binary: None,
+        transport: options.transport.clone(),
     })?;
     // Volume names are unique across the pair.
     let path = pair.node(2).config_path.clone();
@@ -579,6 +591,7 @@ fn profile_takeover(options: &DrillOptions) -> Result<(bool, String)> {
     for percent in [1u64, 50, 100] {
         let dir = options.dir.join(format!("profile-{percent}"));
         let mut pair = start_pair(
+            options,
             &dir,
             "[checkpoint]\ninterval_ms = 3600000\nthreshold_percent = 100\n",
             &format!("replay_max_bytes_per_s = {PROFILE_REPLAY_BYTES_PER_S}\n"),

@@ -22,6 +22,22 @@ pub struct PairSpec {
     pub ha_config: String,
     /// The `nvmirror` binary to run (default: the running one).
     pub binary: Option<PathBuf>,
+    /// The interconnect: "tcp" on loopback, or "rdma" between the two
+    /// Soft-RoCE devices soft-roce/ sets up (NVMIRROR_RDMA_ADDR_A/_B,
+    /// 192.0.2.1 and 192.0.2.2 by default).
+    pub transport: String,
+}
+
+/// The interconnect addresses of node 1 and node 2 for `transport`.
+fn interconnect_ips(transport: &str) -> [String; 2] {
+    if transport == "rdma" {
+        [
+            std::env::var("NVMIRROR_RDMA_ADDR_A").unwrap_or_else(|_| "192.0.2.1".into()),
+            std::env::var("NVMIRROR_RDMA_ADDR_B").unwrap_or_else(|_| "192.0.2.2".into()),
+        ]
+    } else {
+        ["127.0.0.1".into(), "127.0.0.1".into()]
+    }
 }
 
 #[derive(Debug)]
@@ -62,6 +78,7 @@ impl PairHarness {
     pub fn configure(spec: PairSpec) -> Result<PairHarness> {
         std::fs::create_dir_all(&spec.dir).map_err(io("creating the pair directory", &spec.dir))?;
         let ic = [free_port()?, free_port()?];
+        let ic_ips = interconnect_ips(&spec.transport);
         let nbd = [free_port()?, free_port()?];
         let admin = [free_port()?, free_port()?];
         let volumes: String = spec
@@ -80,7 +97,7 @@ impl PairHarness {
                  [nvram]\nhalf_size = {half}\n\
                  [nbd]\nlisten = \"127.0.0.1:{nbd_port}\"\n\
                  {volumes}\
-                 [interconnect]\nlisten = \"127.0.0.1:{listen}\"\npartner = \"127.0.0.1:{partner}\"\n\
+                 [interconnect]\ntransport = \"{transport}\"\nlisten = \"{listen_ip}:{listen}\"\npartner = \"{partner_ip}:{partner}\"\n\
                  key = \"drill pair key: generate your own for a real pair\"\n\
                  heartbeat_interval_ms = 50\nheartbeat_timeout_ms = 1000\n\
                  {extra}\n\
@@ -90,6 +107,9 @@ impl PairHarness {
                 nbd_port = nbd[me],
                 listen = ic[me],
                 partner = ic[1 - me],
+                transport = spec.transport,
+                listen_ip = ic_ips[me],
+                partner_ip = ic_ips[1 - me],
                 extra = spec.extra_config,
                 admin_port = admin[me],
                 ha_extra = spec.ha_config,

@@ -30,6 +30,7 @@ pub mod node;
 pub mod serve;
 mod sys;
 pub mod tcp_service;
+pub mod transport;
 pub mod volume;
 pub mod workload;
 

@@ -23,13 +23,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crossbeam_channel::Sender;
-use interconnect::{
-    ControlEvent, MirrorWrite, Reservation, SendQueue, SharedMemory, TcpConfig, TcpSender, WriteId,
-};
+use interconnect::{ControlEvent, MirrorWrite, Reservation, SendQueue, SharedMemory, WriteId};
 use parking_lot::{Condvar, Mutex};
 
 use crate::error::Result;
 use crate::mailbox::Mailbox;
+use crate::transport::LinkConfig;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[repr(u8)]
@@ -65,7 +64,8 @@ const HEADER_POST_TIMEOUT: Duration = Duration::from_secs(5);
 #[derive(Debug)]
 pub struct Mirror {
     partner: SocketAddr,
-    tcp: TcpConfig,
+    /// How to dial the partner (TCP or RDMA).
+    dialer: LinkConfig,
     slots: usize,
     local_log: SharedMemory,
     log_len_bytes: u64,
@@ -91,7 +91,7 @@ pub struct Mirror {
 impl Mirror {
     pub fn new(
         partner: SocketAddr,
-        tcp: TcpConfig,
+        dialer: LinkConfig,
         slots: usize,
         local_log: SharedMemory,
         mailbox: Arc<Mailbox>,
@@ -100,7 +100,7 @@ impl Mirror {
         let log_len_bytes = local_log.len() as u64;
         Mirror {
             partner,
-            tcp,
+            dialer,
             slots,
             local_log,
             log_len_bytes,
@@ -314,12 +314,9 @@ impl Mirror {
     fn connect_and_resync(&self, log: &nvlog::Log) -> Result<()> {
         let span = tracing::info_span!("resync", partner = %self.partner);
         let _entered = span.enter();
-        let sender = TcpSender::connect(
-            self.partner,
-            &self.tcp,
-            self.local_log.clone(),
-            Some(self.events.clone()),
-        )?;
+        let sender =
+            self.dialer
+                .connect(self.partner, self.local_log.clone(), self.events.clone())?;
         let queue = {
             let mut current = self.queue.lock();
             match current.as_ref() {

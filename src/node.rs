@@ -22,7 +22,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::Sender;
-use interconnect::{ControlEvent, MirrorReceiver, PresharedKey, TcpConfig};
+use interconnect::ControlEvent;
 use nvlog::{Geometry, HalfState, Log, RecordData, RecordKind, Region, Scanner};
 use parking_lot::{Condvar, Mutex, RwLock};
 
@@ -33,6 +33,7 @@ use crate::ha::Ha;
 use crate::mailbox::{Mailbox, MailboxState, VolumeInfo, MAILBOX_FORMAT_VERSION};
 use crate::mirror::{Link, Mirror};
 use crate::sys::area_memory;
+use crate::transport::{LinkConfig, Receiver};
 use crate::volume::Volume;
 
 /// Counters for status and metrics.
@@ -79,8 +80,8 @@ pub struct NodeInner {
     stopping: AtomicBool,
     /// Where the partner mirrors its log into ours; down while this node
     /// replays that mirror after a takeover.
-    receiver: Mutex<Option<MirrorReceiver>>,
-    tcp: TcpConfig,
+    receiver: Mutex<Option<Receiver>>,
+    link: LinkConfig,
     events: Sender<ControlEvent>,
 }
 
@@ -112,12 +113,9 @@ impl Node {
         )?);
         let (log, _recovery) = Log::open(region.clone())?;
 
-        // Checked by Config::validate; a key file changed since is refused here.
-        let key = PresharedKey::new(config.key_bytes()?)?;
-        let mut tcp = TcpConfig::new(key);
-        tcp.send_depth = config.interconnect.slots;
-        tcp.heartbeat_interval_ms = config.interconnect.heartbeat_interval_ms;
-        tcp.silence_timeout_ms = config.interconnect.heartbeat_timeout_ms;
+        // The key was checked by Config::validate; a key file changed since
+        // is refused here.
+        let link = LinkConfig::from_config(&config)?;
         let (events_tx, events_rx) = crossbeam_channel::unbounded();
         let mailbox = Arc::new(Mailbox::new(
             &config.aggregate_dir,
@@ -145,7 +143,7 @@ impl Node {
         ));
         let mirror = Mirror::new(
             config.interconnect.partner,
-            tcp.clone(),
+            link.clone(),
             config.interconnect.slots,
             area_memory(&region, region.local_log()),
             mailbox.clone(),
@@ -166,7 +164,7 @@ impl Node {
             failed: Mutex::new(None),
             stopping: AtomicBool::new(false),
             receiver: Mutex::new(None),
-            tcp,
+            link,
             events: events_tx,
         });
 
@@ -764,11 +762,10 @@ impl NodeInner {
     pub(crate) fn bind_receiver(&self) -> Result<()> {
         let mut receiver = self.receiver.lock();
         if receiver.is_none() {
-            *receiver = Some(MirrorReceiver::bind(
+            *receiver = Some(self.link.listen(
                 self.config.interconnect.listen,
-                &self.tcp,
                 area_memory(&self.region, self.region.mirror()),
-                Some(self.events.clone()),
+                self.events.clone(),
             )?);
         }
         Ok(())

@@ -22,6 +22,7 @@ fn pair(dir: &Path, extra: &str, ha: &str) -> PairHarness {
         extra_config: extra.to_owned(),
         ha_config: ha.to_owned(),
         binary: Some(env!("CARGO_BIN_EXE_nvmirror").into()),
+        transport: "tcp".into(),
     })
     .expect("configure the pair");
     // Each node's volume names must be unique across the pair.

@@ -128,6 +128,7 @@ impl Pair {
             extra_config: "[checkpoint]\ninterval_ms = 1000\n".into(),
             ha_config: "auto_takeover = false\n".into(),
             binary: Some(nvmirror_bin().into()),
+            transport: "tcp".into(),
         })
         .expect("configure the pair");
         // Volume names are unique across the pair.
