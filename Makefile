@@ -5,8 +5,10 @@
 #                an interconnect cut), takeover, verification, giveback, and
 #                the takeover timings with the log 1/50/100 % full; a report.
 #   make test    everything CI runs: unit, property, concurrency and
-#                integration tests, the loom model, fuzz smoke runs and the
-#                benchmarks in quick mode. Installs what it needs first.
+#                integration tests, the loom model, fuzz smoke runs, the
+#                benchmarks in quick mode, and the Soft-RoCE tier (in one
+#                throw-away qemu guest where the host has no RDMA).
+#                Installs what it needs first.
 #
 # Other targets: deps, lint, bench (full-length benchmarks), fuzz (longer
 # fuzz runs: make fuzz FUZZ_SECONDS=600).
@@ -18,7 +20,8 @@ SHELL := /bin/bash
 # Debian packages the build and the tests use: a C toolchain for -sys
 # crates, and the stock NBD clients the tests drive (qemu-io, qemu-img;
 # nbdinfo, nbdcopy; nbdsh).
-APT_PACKAGES := build-essential pkg-config qemu-utils libnbd-bin python3-libnbd
+APT_PACKAGES := build-essential pkg-config qemu-utils libnbd-bin python3-libnbd \
+	libibverbs-dev librdmacm-dev clang libclang-dev
 FUZZ_SECONDS ?= 15
 CARGO ?= cargo
 # Crates with a fuzz/ directory (cargo-fuzz layout): the root package's and
@@ -27,14 +30,14 @@ FUZZ_CRATES := $(if $(wildcard fuzz/Cargo.toml),.) $(patsubst %/fuzz/Cargo.toml,
 
 DRILL_CYCLES ?= 6
 
-.PHONY: drill test deps lint unit loom fuzz-smoke fuzz bench-smoke bench
+.PHONY: drill test deps lint unit loom fuzz-smoke fuzz bench-smoke bench rdma
 
 drill: deps
 	$(CARGO) build --release --locked -p nvmirror
 	./target/release/nvmirror drill --cycles $(DRILL_CYCLES) --profile-takeover
 
 
-test: deps unit loom fuzz-smoke bench-smoke
+test: deps unit loom fuzz-smoke bench-smoke rdma
 	@echo "make test: all tiers passed"
 
 ## deps: install what is missing (apt packages, cargo-fuzz); never upgrades.
@@ -77,6 +80,20 @@ fuzz-smoke:
 
 fuzz:
 	$(MAKE) fuzz-smoke FUZZ_SECONDS=$(FUZZ_SECONDS)
+
+## rdma: the Soft-RoCE tier (soft-roce/rdma-tier: the RDMA transport's
+## tests, a pair over RDMA with qemu-io, a drill over RDMA): directly where
+## RDMA devices exist, else in one throw-away qemu guest (soft-roce/).
+rdma:
+	$(CARGO) build --locked --release -p nvmirror --features rdma
+	@tests=$$($(CARGO) test --locked -p interconnect --features rdma --test rdma --no-run --message-format=json \
+		| sed -n 's/.*"executable":"\([^"]*\)".*/\1/p' | tail -n 1); \
+	test -x "$$tests" || { echo "could not build the RDMA tests" >&2; exit 1; }; \
+	if soft-roce/have-rdma --quiet; then \
+		soft-roce/rdma-tier "$$tests" target/release/nvmirror; \
+	else \
+		soft-roce/run-in-guest --timeout 1500 -- soft-roce/rdma-tier "$$tests" target/release/nvmirror; \
+	fi
 
 ## bench-smoke: the benchmarks in quick mode, so they cannot rot.
 bench-smoke:

@@ -70,8 +70,32 @@ ensure_packages() {
 		die "apt-get update failed"
 	# --no-remove: never make room by removing something (qemu-system-x86
 	# from bookworm would remove a qemu-utils from bookworm-backports).
-	DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends --no-remove "${missing[@]}" >&2 ||
-		die "apt-get install ${missing[*]} failed (see above); if it would have to remove packages, install ${missing[*]} by hand in versions that fit the installed ones (e.g. qemu-system-x86 from the same release as qemu-utils: apt-get install -t bookworm-backports qemu-system-x86)"
+	if DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends --no-remove "${missing[@]}" >&2; then
+		return 0
+	fi
+	# The project's build machines carry qemu-utils from bookworm-backports
+	# while their sources list only bookworm: take the qemu packages from the
+	# release qemu-utils came from, through a temporary sources directory
+	# (the system's own sources are left as they are).
+	if [[ $(dpkg-query -W -f='${Version}' qemu-utils 2>/dev/null) == *bpo12* ]]; then
+		log "qemu-utils comes from bookworm-backports: installing the qemu packages from there too"
+		local parts
+		parts=$(mktemp -d /tmp/nvmirror-apt.XXXXXX)
+		cp /etc/apt/sources.list.d/*.sources /etc/apt/sources.list.d/*.list "$parts"/ 2>/dev/null || true
+		if [[ -s /etc/apt/sources.list ]]; then
+			cp /etc/apt/sources.list "$parts"/system.list
+		fi
+		printf 'Types: deb\nURIs: http://deb.debian.org/debian\nSuites: bookworm-backports\nComponents: main\nSigned-By: /usr/share/keyrings/debian-archive-keyring.gpg\n' >"$parts"/nvmirror-backports.sources
+		local apt_options=(-o "Dir::Etc::SourceList=/dev/null" -o "Dir::Etc::SourceParts=$parts")
+		if DEBIAN_FRONTEND=noninteractive apt-get "${apt_options[@]}" update -q >&2 &&
+			DEBIAN_FRONTEND=noninteractive apt-get "${apt_options[@]}" install -y -q --no-install-recommends --no-remove \
+				-t bookworm-backports "${missing[@]}" >&2; then
+			rm -rf "$parts"
+			return 0
+		fi
+		rm -rf "$parts"
+	fi
+	die "apt-get install ${missing[*]} failed (see above); if it would have to remove packages, install ${missing[*]} by hand in versions that fit the installed ones (e.g. qemu-system-x86 from the same release as qemu-utils: apt-get install -t bookworm-backports qemu-system-x86)"
 }
 
 # ipv4_to_gid ADDR: the IPv4-mapped GID as sysfs prints it
