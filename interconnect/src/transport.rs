@@ -77,3 +77,82 @@ pub trait Transport: Send + Sync + fmt::Debug {
     /// Closes the connection and drops the completion handle. Idempotent.
     fn close(&self);
 }
+
+/// A sending transport's bond with its send queue: where completions go
+/// and whether (and why) the session failed. Shared by the TCP and RDMA
+/// senders, so both keep the [`Transport`] contract the same way: a
+/// failure is reported once, a queue attached after it learns at once,
+/// and nothing is completed after a failure or a close.
+#[derive(Debug, Default)]
+pub(crate) struct SessionLink {
+    state: std::sync::Mutex<LinkState>,
+}
+
+#[derive(Debug, Default)]
+struct LinkState {
+    completions: Option<Completions>,
+    failure: Option<std::sync::Arc<Error>>,
+}
+
+impl SessionLink {
+    fn state(&self) -> std::sync::MutexGuard<'_, LinkState> {
+        self.state
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// [`Transport::attach`]: a session that already failed reports it to
+    /// the queue at once.
+    pub(crate) fn attach(&self, completions: Completions) {
+        let mut state = self.state();
+        if let Some(failure) = &state.failure {
+            let failure = std::sync::Arc::clone(failure);
+            drop(state);
+            completions.failed(failure);
+            return;
+        }
+        state.completions = Some(completions);
+    }
+
+    /// Every write up to `id` is placed.
+    pub(crate) fn placed_through(&self, id: WriteId) {
+        let completions = self.state().completions.clone();
+        if let Some(completions) = completions {
+            completions.placed_through(id);
+        }
+    }
+
+    /// Record the session's failure, once: tells the queue (which errors
+    /// every waiter and reclaims the slots) and returns the shared error,
+    /// or `None` if the session had already failed.
+    pub(crate) fn fail(&self, error: Error) -> Option<std::sync::Arc<Error>> {
+        let error = std::sync::Arc::new(error);
+        let completions = {
+            let mut state = self.state();
+            if state.failure.is_some() {
+                return None;
+            }
+            state.failure = Some(std::sync::Arc::clone(&error));
+            state.completions.take()
+        };
+        if let Some(completions) = completions {
+            completions.failed(std::sync::Arc::clone(&error));
+        }
+        Some(error)
+    }
+
+    /// [`Transport::close`]: drop the completion handle; a session closed
+    /// before it failed counts as closed.
+    pub(crate) fn close(&self) {
+        let mut state = self.state();
+        state.completions = None;
+        if state.failure.is_none() {
+            state.failure = Some(std::sync::Arc::new(Error::Closed));
+        }
+    }
+
+    /// Why the session failed, if it did.
+    pub(crate) fn failure(&self) -> Option<std::sync::Arc<Error>> {
+        self.state().failure.clone()
+    }
+}

@@ -33,7 +33,7 @@ use crate::auth::{proof, random_bytes, verify_proof};
 use crate::control::{decode_control, ControlEvent, ControlMessage, Direction, FailureDetector};
 use crate::queue::{Completions, WriteId};
 use crate::tcp::wire::{HandshakeStatus, NONCE_LEN};
-use crate::transport::{Transport, TransportLimits, WorkRequest};
+use crate::transport::{SessionLink, Transport, TransportLimits, WorkRequest};
 use crate::{Error, RefuseReason, SharedMemory};
 
 /// Where writes go: the QP, the local log's registration, the partner's
@@ -84,12 +84,6 @@ impl PostState {
 /// The completion handle and the failure, changed together under one lock
 /// so a failure is reported exactly once whether it comes before or after
 /// `attach`.
-#[derive(Debug, Default)]
-struct Link {
-    completions: Option<Completions>,
-    failure: Option<Arc<Error>>,
-}
-
 #[derive(Debug)]
 struct SenderShared {
     peer: SocketAddr,
@@ -102,16 +96,12 @@ struct SenderShared {
     controls: Sender<ControlMessage>,
     controls_queued: AtomicUsize,
     down: AtomicBool,
-    link: Mutex<Link>,
+    link: SessionLink,
     waker: Waker,
     events: Option<Sender<ControlEvent>>,
 }
 
 impl SenderShared {
-    fn link(&self) -> MutexGuard<'_, Link> {
-        self.link.lock().unwrap_or_else(PoisonError::into_inner)
-    }
-
     fn post(&self) -> MutexGuard<'_, PostState> {
         self.post.lock().unwrap_or_else(PoisonError::into_inner)
     }
@@ -126,21 +116,12 @@ impl SenderShared {
     /// Fails the session once: tells the queue (which errors every waiter
     /// and reclaims the slots), reports, stops the thread.
     fn fail(&self, error: Error) {
-        let error = Arc::new(error);
-        let completions = {
-            let mut link = self.link();
-            if link.failure.is_some() {
-                return;
-            }
-            link.failure = Some(Arc::clone(&error));
-            link.completions.take()
+        let Some(error) = self.link.fail(error) else {
+            return;
         };
         self.down.store(true, Ordering::Release);
         self.waker.wake();
         tracing::warn!(peer = %self.peer, session = self.session, %error, "RDMA interconnect connection failed");
-        if let Some(completions) = completions {
-            completions.failed(Arc::clone(&error));
-        }
         self.emit(ControlEvent::Disconnected {
             direction: Direction::Outbound,
             session: self.session,
@@ -312,7 +293,7 @@ impl RdmaSender {
             controls,
             controls_queued: AtomicUsize::new(0),
             down: AtomicBool::new(false),
-            link: Mutex::new(Link::default()),
+            link: SessionLink::default(),
             waker: Waker::new()?,
             events,
         });
@@ -353,7 +334,7 @@ impl RdmaSender {
 
     /// Why the session failed, if it did.
     pub fn failure(&self) -> Option<Arc<Error>> {
-        self.shared.link().failure.clone()
+        self.shared.link.failure()
     }
 }
 
@@ -408,14 +389,7 @@ impl Transport for RdmaSender {
     }
 
     fn attach(&self, completions: Completions) {
-        let mut link = self.shared.link();
-        if let Some(failure) = &link.failure {
-            let failure = Arc::clone(failure);
-            drop(link);
-            completions.failed(failure);
-            return;
-        }
-        link.completions = Some(completions);
+        self.shared.link.attach(completions);
     }
 
     fn post_write(&self, request: WorkRequest) {
@@ -477,13 +451,7 @@ impl Transport for RdmaSender {
     }
 
     fn close(&self) {
-        {
-            let mut link = self.shared.link();
-            link.completions = None;
-            if link.failure.is_none() {
-                link.failure = Some(Arc::new(Error::Closed));
-            }
-        }
+        self.shared.link.close();
         self.shared.down.store(true, Ordering::Release);
         self.shared.waker.wake();
     }
@@ -624,10 +592,7 @@ impl SessionLoop {
                     post.placed = newest;
                 }
                 placed = newest;
-                let completions = shared.link().completions.clone();
-                if let Some(completions) = completions {
-                    completions.placed_through(WriteId::new(placed));
-                }
+                shared.link.placed_through(WriteId::new(placed));
             }
             self.conn.check_cm()?;
 

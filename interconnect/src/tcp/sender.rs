@@ -3,7 +3,7 @@
 
 use std::net::{Shutdown, SocketAddr, TcpStream};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::thread::JoinHandle;
 use std::time::Instant;
 
@@ -15,7 +15,7 @@ use super::TcpConfig;
 use crate::auth::dial_handshake;
 use crate::control::{decode_control, ControlEvent, ControlMessage, Direction, FailureDetector};
 use crate::queue::{Completions, WriteId};
-use crate::transport::{Transport, TransportLimits, WorkRequest};
+use crate::transport::{SessionLink, Transport, TransportLimits, WorkRequest};
 use crate::{Error, SharedMemory};
 
 /// Control messages that may wait to be sent before `send_control` refuses.
@@ -32,12 +32,6 @@ enum Outgoing {
 /// The completion handle and the failure, changed together under one lock
 /// so a failure is reported exactly once whether it comes before or after
 /// `attach`.
-#[derive(Debug, Default)]
-struct Link {
-    completions: Option<Completions>,
-    failure: Option<Arc<Error>>,
-}
-
 #[derive(Debug)]
 struct SenderShared {
     peer: SocketAddr,
@@ -50,17 +44,13 @@ struct SenderShared {
     /// Highest write id put on the wire: acks beyond it are a protocol error.
     highest_sent: AtomicU64,
     down: AtomicBool,
-    link: Mutex<Link>,
+    link: SessionLink,
     /// For shutting the socket down from any thread.
     stream: TcpStream,
     events: Option<Sender<ControlEvent>>,
 }
 
 impl SenderShared {
-    fn link(&self) -> MutexGuard<'_, Link> {
-        self.link.lock().unwrap_or_else(PoisonError::into_inner)
-    }
-
     fn emit(&self, event: ControlEvent) {
         if let Some(events) = &self.events {
             // The node may have stopped listening; events are advisory.
@@ -70,21 +60,12 @@ impl SenderShared {
 
     /// Fails the session once: shuts the socket, tells the queue, reports.
     fn fail(&self, error: Error) {
-        let error = Arc::new(error);
-        let completions = {
-            let mut link = self.link();
-            if link.failure.is_some() {
-                return;
-            }
-            link.failure = Some(Arc::clone(&error));
-            link.completions.take()
+        let Some(error) = self.link.fail(error) else {
+            return;
         };
         self.down.store(true, Ordering::Release);
         let _ = self.stream.shutdown(Shutdown::Both);
         tracing::warn!(peer = %self.peer, session = self.session, %error, "interconnect connection failed");
-        if let Some(completions) = completions {
-            completions.failed(Arc::clone(&error));
-        }
         self.emit(ControlEvent::Disconnected {
             direction: Direction::Outbound,
             session: self.session,
@@ -156,7 +137,7 @@ impl TcpSender {
             controls_queued: AtomicUsize::new(0),
             highest_sent: AtomicU64::new(0),
             down: AtomicBool::new(false),
-            link: Mutex::new(Link::default()),
+            link: SessionLink::default(),
             stream: clone(&stream)?,
             events,
         });
@@ -200,7 +181,7 @@ impl TcpSender {
 
     /// Why the session failed, if it did.
     pub fn failure(&self) -> Option<Arc<Error>> {
-        self.shared.link().failure.clone()
+        self.shared.link.failure()
     }
 }
 
@@ -214,14 +195,7 @@ impl Transport for TcpSender {
     }
 
     fn attach(&self, completions: Completions) {
-        let mut link = self.shared.link();
-        if let Some(failure) = &link.failure {
-            let failure = Arc::clone(failure);
-            drop(link);
-            completions.failed(failure);
-            return;
-        }
-        link.completions = Some(completions);
+        self.shared.link.attach(completions);
     }
 
     fn post_write(&self, request: WorkRequest) {
@@ -258,13 +232,7 @@ impl Transport for TcpSender {
     }
 
     fn close(&self) {
-        {
-            let mut link = self.shared.link();
-            link.completions = None;
-            if link.failure.is_none() {
-                link.failure = Some(Arc::new(Error::Closed));
-            }
-        }
+        self.shared.link.close();
         self.shared.down.store(true, Ordering::Release);
         let _ = self.shared.stream.shutdown(Shutdown::Both);
     }
@@ -474,10 +442,7 @@ fn read_once(
         }
     }
     if let Some(id) = newly_acked {
-        let completions = shared.link().completions.clone();
-        if let Some(completions) = completions {
-            completions.placed_through(id);
-        }
+        shared.link.placed_through(id);
     }
     if let Some(silence) = detector.check(Instant::now()) {
         let silent_ms = silence.as_millis() as u64;
