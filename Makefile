@@ -23,6 +23,7 @@ SHELL := /bin/bash
 APT_PACKAGES := build-essential pkg-config qemu-utils libnbd-bin python3-libnbd \
 	libibverbs-dev librdmacm-dev clang libclang-dev
 FUZZ_SECONDS ?= 15
+FUZZ_SEED ?= 20261121
 CARGO ?= cargo
 # Crates with a fuzz/ directory (cargo-fuzz layout): the root package's and
 # each member's.
@@ -64,22 +65,32 @@ unit:
 loom:
 	RUSTFLAGS="--cfg loom" CARGO_TARGET_DIR=target/loom $(CARGO) test -p interconnect --release --lib --locked loom
 
-## fuzz-smoke: every fuzz target for FUZZ_SECONDS on its committed corpus.
-## New inputs go to a scratch directory; a crash fails the run and leaves
-## the input in <crate>/fuzz/artifacts/ (commit it under regressions/).
+## fuzz-smoke: every fuzz target for FUZZ_SECONDS on its committed corpus,
+## with libFuzzer's random generator seeded by FUZZ_SEED (fixed for the
+## test command, so that a CI run explores what a local run explored; a
+## longer run only goes further down the same path). New inputs go to a
+## scratch directory. A crash fails the run, prints the panic and leaves the
+## input in <crate>/fuzz/artifacts/: commit it under regressions/, where
+## the crate's fuzz_corpus test replays it from then on.
 fuzz-smoke:
 	@for crate in $(FUZZ_CRATES); do \
 		for target in $$(cd $$crate && cargo fuzz list); do \
-			scratch=$$(mktemp -d); \
-			echo "fuzz $$crate/$$target for $(FUZZ_SECONDS)s"; \
-			(cd $$crate && cargo fuzz run --sanitizer none $$target $$scratch fuzz/corpus/$$target -- \
-				-max_total_time=$(FUZZ_SECONDS) -max_len=16384 -print_final_stats=1 2>&1 | tail -n 12); \
-			rm -rf $$scratch; \
+			scratch=$$(mktemp -d); log=$$scratch.log; \
+			echo "fuzz $$crate/$$target for $(FUZZ_SECONDS)s, seed $(FUZZ_SEED)"; \
+			if ! (cd $$crate && cargo fuzz run --sanitizer none $$target $$scratch fuzz/corpus/$$target -- \
+				-seed=$(FUZZ_SEED) -max_total_time=$(FUZZ_SECONDS) -max_len=16384 -print_final_stats=1) >$$log 2>&1; then \
+				echo "FUZZ FAILURE in $$crate/$$target (seed $(FUZZ_SEED)):" >&2; \
+				grep -E -A2 "panicked at|ERROR: libFuzzer|Test unit written|Reproduce with" $$log >&2 || tail -n 40 $$log >&2; \
+				rm -rf $$scratch $$log; exit 1; \
+			fi; \
+			tail -n 6 $$log; rm -rf $$scratch $$log; \
 		done; \
 	done
 
+## fuzz: longer runs from a fresh random seed (printed, so a find replays):
+## make fuzz FUZZ_SECONDS=600
 fuzz:
-	$(MAKE) fuzz-smoke FUZZ_SECONDS=$(FUZZ_SECONDS)
+	$(MAKE) fuzz-smoke FUZZ_SECONDS=$(FUZZ_SECONDS) FUZZ_SEED=$$(( (RANDOM << 15 | RANDOM) + 1 ))
 
 ## rdma: the Soft-RoCE tier (soft-roce/rdma-tier: the RDMA transport's
 ## tests, a pair over RDMA with qemu-io, a drill over RDMA): directly where

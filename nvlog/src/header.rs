@@ -209,6 +209,12 @@ impl LogHeader {
             max_generation: u64_at(40),
             halves,
         };
+        // The same rule that built the region: a header that passed its CRC
+        // can still describe halves no region could have (found by fuzzing:
+        // a huge half length overflowed the scanner's size arithmetic).
+        if crate::region::Geometry::new(header.half_len).is_err() {
+            return Err("half length out of range");
+        }
         let live = header.live_halves();
         if live.is_empty() {
             return Err("no live half");
@@ -289,6 +295,20 @@ mod tests {
             assert!(
                 LogHeader::decode(&flipped).is_err(),
                 "flip at byte {byte} went unnoticed"
+            );
+        }
+    }
+
+    #[test]
+    fn a_checksummed_header_with_impossible_halves_is_refused() {
+        // A CRC only proves the bytes are as written, not that they make
+        // sense: half lengths no region could have are refused.
+        for half_len in [0, 4096, (1 << 16) + 1, u64::MAX / 2 + 1, u64::MAX] {
+            let slot = LogHeader::fresh(1, half_len).encode();
+            assert_eq!(
+                LogHeader::decode(&slot),
+                Err("half length out of range"),
+                "half_len {half_len}"
             );
         }
     }
