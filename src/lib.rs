@@ -13,8 +13,11 @@
 //! - [`inspect`]: `nvmirror nvlog dump`.
 //! - [`drill`], [`harness`], [`workload`]: failover drills, a pair on this
 //!   machine under a verifying workload.
+//! - [`sim`]: the pair in a deterministic simulation with fault injection;
+//!   [`clock`]: the time the node's decisions read (real or simulated).
 
 pub mod admin;
+pub mod clock;
 pub mod config;
 pub mod drill;
 pub mod error;
@@ -28,6 +31,7 @@ pub mod mirror;
 pub mod nbd;
 pub mod node;
 pub mod serve;
+pub mod sim;
 mod sys;
 pub mod tcp_service;
 pub mod transport;

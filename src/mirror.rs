@@ -26,6 +26,7 @@ use crossbeam_channel::Sender;
 use interconnect::{ControlEvent, MirrorWrite, Reservation, SendQueue, SharedMemory, WriteId};
 use parking_lot::{Condvar, Mutex};
 
+use crate::clock::Clock;
 use crate::error::Result;
 use crate::mailbox::Mailbox;
 use crate::transport::LinkConfig;
@@ -86,6 +87,7 @@ pub struct Mirror {
     /// An interconnect cut (operator or drill) keeps the connector idle
     /// until then.
     paused_until: Mutex<Option<std::time::Instant>>,
+    clock: Clock,
 }
 
 impl Mirror {
@@ -96,6 +98,7 @@ impl Mirror {
         local_log: SharedMemory,
         mailbox: Arc<Mailbox>,
         events: Sender<ControlEvent>,
+        clock: Clock,
     ) -> Mirror {
         let log_len_bytes = local_log.len() as u64;
         Mirror {
@@ -113,6 +116,7 @@ impl Mirror {
             wake: (Mutex::new(false), Condvar::new()),
             enabled: AtomicBool::new(false),
             paused_until: Mutex::new(None),
+            clock,
         }
     }
 
@@ -128,7 +132,7 @@ impl Mirror {
     /// Cut the interconnect for `duration`: the session is closed and no
     /// new one is made until then.
     pub fn cut(&self, duration: Duration) {
-        *self.paused_until.lock() = Some(std::time::Instant::now() + duration);
+        *self.paused_until.lock() = Some(self.clock.now() + duration);
         self.disconnect("interconnect cut");
     }
 
@@ -143,7 +147,7 @@ impl Mirror {
         let paused = self
             .paused_until
             .lock()
-            .is_some_and(|until| std::time::Instant::now() < until);
+            .is_some_and(|until| self.clock.now() < until);
         self.enabled.load(Ordering::Acquire) && !paused
     }
 
@@ -167,13 +171,24 @@ impl Mirror {
 
     /// Suspendable phase: slots for a record of `record_bytes` plus a header
     /// update. `None` when the link is down: the write will not be mirrored.
-    pub fn reserve(&self, record_bytes: u64) -> Option<Reservation> {
+    /// Without `wait`, slots that are not free now are an error
+    /// (`NoFreeSlots`: try again later), not a reason to go unmirrored.
+    pub fn reserve(&self, record_bytes: u64, wait: bool) -> Result<Option<Reservation>> {
         if self.link() == Link::Down {
-            return None;
+            return Ok(None);
         }
-        let queue = self.queue()?;
+        let Some(queue) = self.queue() else {
+            return Ok(None);
+        };
         let slots = queue.slots_for(record_bytes) + 1;
-        queue.reserve(slots).ok()
+        if wait {
+            return Ok(queue.reserve(slots).ok());
+        }
+        match queue.try_reserve(slots) {
+            Ok(reservation) => Ok(Some(reservation)),
+            Err(error @ interconnect::Error::NoFreeSlots { .. }) => Err(error.into()),
+            Err(_) => Ok(None),
+        }
     }
 
     /// Modify phase, under the log's order lock: post `header` (if any) and
@@ -205,6 +220,15 @@ impl Mirror {
             return false;
         };
         queue.wait_placed(id).is_ok()
+    }
+
+    /// Whether [`Mirror::placed`] would return at once: the write is placed,
+    /// or lost with its session.
+    pub fn settled(&self, id: Option<WriteId>) -> bool {
+        match (id, self.queue()) {
+            (Some(id), Some(queue)) => queue.placed() >= id,
+            _ => true,
+        }
     }
 
     /// Whether a placed write may be acknowledged on the strength of the
@@ -285,15 +309,10 @@ impl Mirror {
     pub fn run_connector(&self, log: &nvlog::Log, stopping: &AtomicBool) {
         let mut backoff = Duration::from_millis(100);
         while !stopping.load(Ordering::Acquire) {
-            if self.link() == Link::Down && self.may_connect() {
-                match self.connect_and_resync(log) {
-                    Ok(()) => backoff = Duration::from_millis(100),
-                    Err(error) => {
-                        tracing::debug!(partner = %self.partner, %error, "cannot mirror to the partner yet");
-                        self.link_down("connect or resync failed");
-                        backoff = (backoff * 2).min(Duration::from_secs(1));
-                    }
-                }
+            match self.connect_once(log) {
+                Some(true) => backoff = Duration::from_millis(100),
+                Some(false) => backoff = (backoff * 2).min(Duration::from_secs(1)),
+                None => {}
             }
             let (flag, condvar) = &self.wake;
             let mut woken = flag.lock();
@@ -309,6 +328,23 @@ impl Mirror {
         }
         // Close the session: the queue and its transport go.
         self.queue.lock().take();
+    }
+
+    /// One round of the connector: if the link is down and may come up,
+    /// connect and resync. `None` if it did not try, else whether the
+    /// mirror is in sync now.
+    pub fn connect_once(&self, log: &nvlog::Log) -> Option<bool> {
+        if self.link() != Link::Down || !self.may_connect() {
+            return None;
+        }
+        match self.connect_and_resync(log) {
+            Ok(()) => Some(true),
+            Err(error) => {
+                tracing::debug!(partner = %self.partner, %error, "cannot mirror to the partner yet");
+                self.link_down("connect or resync failed");
+                Some(false)
+            }
+        }
     }
 
     fn connect_and_resync(&self, log: &nvlog::Log) -> Result<()> {

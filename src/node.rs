@@ -21,11 +21,12 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use crossbeam_channel::Sender;
+use crossbeam_channel::{Receiver as EventReceiver, Sender};
 use interconnect::ControlEvent;
 use nvlog::{Geometry, HalfState, Log, RecordData, RecordKind, Region, Scanner};
 use parking_lot::{Condvar, Mutex, RwLock};
 
+use crate::clock::Clock;
 use crate::config::{Config, Durability};
 use crate::error::{Error, Result};
 use crate::extents::Source;
@@ -34,7 +35,40 @@ use crate::mailbox::{Mailbox, MailboxState, VolumeInfo, MAILBOX_FORMAT_VERSION};
 use crate::mirror::{Link, Mirror};
 use crate::sys::area_memory;
 use crate::transport::{LinkConfig, Receiver};
-use crate::volume::Volume;
+use crate::volume::{Disks, Volume};
+
+/// How a node runs.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Execution {
+    /// Its own threads: consistency points, connector, HA monitor, replay.
+    #[default]
+    Threads,
+    /// No threads: the simulation calls each step. The suspendable phase
+    /// then fails with `WouldBlock`/`NoFreeSlots` instead of waiting (the
+    /// simulation retries the write later), and nothing binds a socket.
+    Stepped,
+}
+
+/// A deliberately broken variant of the node, for the simulation to prove
+/// it finds bugs (`nvmirror sim --inject-bug`). Never set outside it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum InjectedBug {
+    /// Acknowledge a write as soon as it is in the local log, without
+    /// waiting for the mirror or for local persistence.
+    AckBeforePlaced,
+    /// Skip the fence: a stale owner keeps writing its volume files.
+    SkipEpochCheck,
+}
+
+/// What the node runs on: the machine (threads, clock, files), or the
+/// simulation's stand-ins.
+#[derive(Debug, Clone, Default)]
+pub struct Runtime {
+    pub execution: Execution,
+    pub clock: Clock,
+    pub disks: Disks,
+    pub injected_bug: Option<InjectedBug>,
+}
 
 /// Counters for status and metrics.
 #[derive(Debug, Default)]
@@ -83,6 +117,15 @@ pub struct NodeInner {
     receiver: Mutex<Option<Receiver>>,
     link: LinkConfig,
     events: Sender<ControlEvent>,
+    pub runtime: Runtime,
+}
+
+/// A write between its modify phase and its acknowledgement.
+#[derive(Debug, Clone, Copy)]
+pub struct PendingWrite {
+    pub lsn: u64,
+    /// The mirror post of its last record, if it was mirrored.
+    pub posted: Option<interconnect::WriteId>,
 }
 
 /// A running node. Dropping it without [`Node::shutdown`] stops the threads
@@ -111,68 +154,10 @@ impl Node {
             config.node_id,
             geometry,
         )?);
-        let (log, _recovery) = Log::open(region.clone())?;
-
         // The key was checked by Config::validate; a key file changed since
         // is refused here.
         let link = LinkConfig::from_config(&config)?;
-        let (events_tx, events_rx) = crossbeam_channel::unbounded();
-        let mailbox = Arc::new(Mailbox::new(
-            &config.aggregate_dir,
-            MailboxState {
-                format_version: MAILBOX_FORMAT_VERSION,
-                node_id: config.node_id,
-                heartbeat_seq: 0,
-                state: "starting".into(),
-                mirror_in_sync: false,
-                out_of_sync_reason: Some(
-                    "node starting: the mirror is resynced after connecting".into(),
-                ),
-                nbd_listen: config.nbd.listen.to_string(),
-                volumes: config
-                    .volumes
-                    .iter()
-                    .map(|v| VolumeInfo {
-                        name: v.name.clone(),
-                        size_bytes: v.size.0,
-                    })
-                    .collect(),
-                half_bytes: config.nvram.half_size.0,
-                updated_unix_ms: 0,
-            },
-        ));
-        let mirror = Mirror::new(
-            config.interconnect.partner,
-            link.clone(),
-            config.interconnect.slots,
-            area_memory(&region, region.local_log()),
-            mailbox.clone(),
-            events_tx.clone(),
-        );
-        let inner = Arc::new(NodeInner {
-            config,
-            region,
-            log,
-            volumes: RwLock::new(Vec::new()),
-            mirror,
-            mailbox,
-            stats: Stats::default(),
-            write_latency_us: crate::admin::Histogram::latency_us(),
-            ha: Ha::new(),
-            cp_signal: Mutex::new(CpSignal::default()),
-            cp_wake: Condvar::new(),
-            failed: Mutex::new(None),
-            stopping: AtomicBool::new(false),
-            receiver: Mutex::new(None),
-            link,
-            events: events_tx,
-        });
-
-        // Publish the mailbox: "out of sync" until the first resync, since
-        // nothing says what the partner's mirror holds.
-        inner.mailbox.update(|_| {})?;
-        crate::ha::boot(&inner)?;
-
+        let (inner, events_rx) = NodeInner::assemble(config, region, link, Runtime::default())?;
         let mut threads = vec![
             spawn("cp", {
                 let inner = inner.clone();
@@ -275,6 +260,78 @@ pub(crate) fn spawn(name: &str, body: impl FnOnce() + Send + 'static) -> JoinHan
 }
 
 impl NodeInner {
+    /// Open the log in `region`, build the node, publish its mailbox and
+    /// decide what it serves (recovering its log onto its volumes). Starts
+    /// no thread: [`Node::start`] does, or the simulation steps the node.
+    /// Returns the channel of interconnect events for the caller to feed to
+    /// [`NodeInner::on_interconnect_event`].
+    pub fn assemble(
+        config: Config,
+        region: Arc<Region>,
+        link: LinkConfig,
+        runtime: Runtime,
+    ) -> Result<(Arc<NodeInner>, EventReceiver<ControlEvent>)> {
+        let (log, _recovery) = Log::open(region.clone())?;
+        let (events_tx, events_rx) = crossbeam_channel::unbounded();
+        let mailbox = Arc::new(Mailbox::new(
+            &config.aggregate_dir,
+            MailboxState {
+                format_version: MAILBOX_FORMAT_VERSION,
+                node_id: config.node_id,
+                heartbeat_seq: 0,
+                state: "starting".into(),
+                mirror_in_sync: false,
+                out_of_sync_reason: Some(
+                    "node starting: the mirror is resynced after connecting".into(),
+                ),
+                nbd_listen: config.nbd.listen.to_string(),
+                volumes: config
+                    .volumes
+                    .iter()
+                    .map(|v| VolumeInfo {
+                        name: v.name.clone(),
+                        size_bytes: v.size.0,
+                    })
+                    .collect(),
+                half_bytes: config.nvram.half_size.0,
+                updated_unix_ms: 0,
+            },
+        ));
+        let mirror = Mirror::new(
+            config.interconnect.partner,
+            link.clone(),
+            config.interconnect.slots,
+            area_memory(&region, region.local_log()),
+            mailbox.clone(),
+            events_tx.clone(),
+            runtime.clock.clone(),
+        );
+        let inner = Arc::new(NodeInner {
+            config,
+            region,
+            log,
+            volumes: RwLock::new(Vec::new()),
+            mirror,
+            mailbox,
+            stats: Stats::default(),
+            write_latency_us: crate::admin::Histogram::latency_us(),
+            ha: Ha::new(runtime.clock.now()),
+            cp_signal: Mutex::new(CpSignal::default()),
+            cp_wake: Condvar::new(),
+            failed: Mutex::new(None),
+            stopping: AtomicBool::new(false),
+            receiver: Mutex::new(None),
+            link,
+            events: events_tx,
+            runtime,
+        });
+        // Publish the mailbox: "out of sync" until the first resync, since
+        // nothing says what the partner's mirror holds.
+        inner.mailbox.update(|_| {})?;
+        crate::ha::boot(&inner)?;
+        Ok((inner, events_rx))
+    }
+
     /// Every volume served here.
     pub fn volumes(&self) -> Vec<Arc<Volume>> {
         self.volumes.read().clone()
@@ -330,7 +387,7 @@ impl NodeInner {
         Ok(())
     }
 
-    fn check_not_failed(&self) -> Result<()> {
+    pub(crate) fn check_not_failed(&self) -> Result<()> {
         match &*self.failed.lock() {
             Some(reason) => Err(Error::Failed {
                 reason: reason.clone(),
@@ -343,7 +400,7 @@ impl NodeInner {
         self.failed.lock().clone()
     }
 
-    fn fail(&self, reason: String) {
+    pub(crate) fn fail(&self, reason: String) {
         tracing::error!(%reason, "node failed: no further writes are accepted");
         self.failed.lock().get_or_insert(reason);
     }
@@ -351,20 +408,9 @@ impl NodeInner {
     /// Write `data` at `offset` of `volume`.
     pub fn write(&self, volume: &Arc<Volume>, offset: u64, data: &[u8], fua: bool) -> Result<()> {
         let started = Instant::now();
-        self.check_range(volume, offset, data.len() as u64)?;
-        let result = (|| {
-            let max = self.log.max_payload_len();
-            let mut last = None;
-            for (chunk_index, chunk) in data.chunks(max.max(1)).enumerate() {
-                let chunk_offset = offset + (chunk_index * max) as u64;
-                last =
-                    Some(self.log_one(volume, RecordData::write(volume.id, chunk_offset, chunk))?);
-            }
-            match last {
-                Some((lsn, posted)) => self.settle(volume, lsn, posted, fua),
-                None => Ok(()),
-            }
-        })();
+        let result = self
+            .start_write(volume, offset, data)
+            .and_then(|pending| self.finish_write(volume, pending, fua));
         match &result {
             Ok(()) => {
                 self.stats.writes.fetch_add(1, Ordering::Relaxed);
@@ -379,6 +425,37 @@ impl NodeInner {
             }
         }
         result
+    }
+
+    /// The suspendable and modify phases of a write: it is in the log and
+    /// posted to the mirror, not yet acknowledged. `None` for an empty one.
+    pub fn start_write(
+        &self,
+        volume: &Arc<Volume>,
+        offset: u64,
+        data: &[u8],
+    ) -> Result<Option<PendingWrite>> {
+        self.check_range(volume, offset, data.len() as u64)?;
+        let max = self.log.max_payload_len().max(1);
+        let mut last = None;
+        for (chunk_index, chunk) in data.chunks(max).enumerate() {
+            let chunk_offset = offset + (chunk_index * max) as u64;
+            last = Some(self.log_one(volume, RecordData::write(volume.id, chunk_offset, chunk))?);
+        }
+        Ok(last)
+    }
+
+    /// The wait phase of a write started with [`NodeInner::start_write`].
+    pub fn finish_write(
+        &self,
+        volume: &Volume,
+        pending: Option<PendingWrite>,
+        fua: bool,
+    ) -> Result<()> {
+        match pending {
+            Some(pending) => self.settle(volume, pending, fua),
+            None => Ok(()),
+        }
     }
 
     /// Zero `len` bytes at `offset`; `trim` also lets the space go.
@@ -399,17 +476,12 @@ impl NodeInner {
         } else {
             RecordData::write_zeroes(volume.id, offset, len)
         };
-        let (lsn, posted) = self.log_one(volume, data)?;
-        self.settle(volume, lsn, posted, fua)
+        let pending = self.log_one(volume, data)?;
+        self.settle(volume, pending, fua)
     }
 
-    /// Suspendable phase and modify phase of one record; returns its LSN
-    /// and mirror post.
-    fn log_one(
-        &self,
-        volume: &Volume,
-        data: RecordData<'_>,
-    ) -> Result<(u64, Option<interconnect::WriteId>)> {
+    /// Suspendable phase and modify phase of one record.
+    fn log_one(&self, volume: &Volume, data: RecordData<'_>) -> Result<PendingWrite> {
         self.check_not_failed()?;
         volume.fence.check()?;
         // Held from here to the append: a giveback closes the gate only
@@ -420,8 +492,13 @@ impl NodeInner {
                 name: volume.name.clone(),
             });
         }
-        let log_reservation = self.log.reserve(data.payload.len())?;
-        let mut mirror_reservation = self.mirror.reserve(log_reservation.len_bytes());
+        let stepped = self.runtime.execution == Execution::Stepped;
+        let log_reservation = if stepped {
+            self.log.try_reserve(data.payload.len())?
+        } else {
+            self.log.reserve(data.payload.len())?
+        };
+        let mut mirror_reservation = self.mirror.reserve(log_reservation.len_bytes(), !stepped)?;
         let local_log = self.region.local_log().offset;
         let (lsn, posted, closed) = self.log.append_then(log_reservation, &data, |appended| {
             let payload_at =
@@ -443,18 +520,16 @@ impl NodeInner {
         if closed.is_some() || self.over_threshold() {
             self.kick_checkpoint();
         }
-        Ok((lsn, posted))
+        Ok(PendingWrite { lsn, posted })
     }
 
     /// The wait phase: acknowledge only once the record is safe in two
     /// failure domains, and only while this node still owns the volume.
-    fn settle(
-        &self,
-        volume: &Volume,
-        lsn: u64,
-        posted: Option<interconnect::WriteId>,
-        fua: bool,
-    ) -> Result<()> {
+    fn settle(&self, volume: &Volume, pending: PendingWrite, fua: bool) -> Result<()> {
+        let PendingWrite { lsn, posted } = pending;
+        if self.runtime.injected_bug == Some(InjectedBug::AckBeforePlaced) {
+            return Ok(());
+        }
         let placed = self.mirror.placed(posted);
         if placed && self.mirror.in_sync() {
             if fua || self.config.durability == Durability::Persist {
@@ -565,21 +640,31 @@ impl NodeInner {
                 signal.kicked = false;
             }
             let timer_due = last_cp.elapsed() >= interval;
-            match self.checkpoint_step(timer_due) {
-                Ok(()) => {}
-                Err(Error::Fenced { volumes_of, .. }) => {
-                    // The records for the fenced volumes stay in the log; the
-                    // new owner has them from its mirror.
-                    tracing::warn!(volumes_of, "consistency point stopped: fenced");
-                    crate::ha::on_fenced(self);
-                }
-                Err(error) => {
-                    self.fail(format!("consistency point failed: {error}"));
-                    return;
-                }
+            if !self.checkpoint_tick(timer_due) {
+                return;
             }
             if timer_due {
                 last_cp = Instant::now();
+            }
+        }
+    }
+
+    /// One round of the consistency-point thread; false once the node has
+    /// failed (a consistency point that failed is never retried: the
+    /// kernel may have dropped what it could not write).
+    pub fn checkpoint_tick(&self, timer_due: bool) -> bool {
+        match self.checkpoint_step(timer_due) {
+            Ok(()) => true,
+            Err(Error::Fenced { volumes_of, .. }) => {
+                // The records for the fenced volumes stay in the log; the
+                // new owner has them from its mirror.
+                tracing::warn!(volumes_of, "consistency point stopped: fenced");
+                crate::ha::on_fenced(self);
+                true
+            }
+            Err(error) => {
+                self.fail(format!("consistency point failed: {error}"));
+                false
             }
         }
     }
@@ -729,7 +814,7 @@ impl NodeInner {
         Ok(())
     }
 
-    fn on_interconnect_event(&self, event: ControlEvent) {
+    pub fn on_interconnect_event(&self, event: ControlEvent) {
         use interconnect::Direction;
         match event {
             ControlEvent::Disconnected {

@@ -1,6 +1,7 @@
 //! Which interconnect transport the node uses: TCP, or RDMA when built
 //! with the `rdma` feature. The mirror dials with it and the node listens
-//! with it; the rest of the node sees only `interconnect::Transport`.
+//! with it; the rest of the node sees only `interconnect::Transport`. The
+//! simulation ([`crate::sim`]) links its nodes with in-process links.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -12,6 +13,7 @@ use interconnect::{
 
 use crate::config::{Config, TransportKind};
 use crate::error::Result;
+use crate::sim::SimNet;
 
 /// How to reach the partner and how to be reached.
 #[derive(Debug, Clone)]
@@ -19,6 +21,7 @@ pub enum LinkConfig {
     Tcp(TcpConfig),
     #[cfg(feature = "rdma")]
     Rdma(interconnect::RdmaConfig),
+    Simulated(Arc<SimNet>),
 }
 
 impl LinkConfig {
@@ -61,6 +64,7 @@ impl LinkConfig {
     ) -> Result<Arc<dyn Transport>> {
         Ok(match self {
             LinkConfig::Tcp(tcp) => TcpSender::connect(partner, tcp, local_log, Some(events))?,
+            LinkConfig::Simulated(net) => net.connect(partner, local_log, events)?,
             #[cfg(feature = "rdma")]
             LinkConfig::Rdma(rdma) => {
                 interconnect::RdmaSender::connect(partner, rdma, local_log, Some(events))?
@@ -86,6 +90,13 @@ impl LinkConfig {
                 mirror,
                 Some(events),
             )?),
+            LinkConfig::Simulated(net) => {
+                net.listen(addr, mirror);
+                Receiver::Simulated {
+                    net: net.clone(),
+                    addr,
+                }
+            }
         })
     }
 }
@@ -96,6 +107,10 @@ pub enum Receiver {
     Tcp(MirrorReceiver),
     #[cfg(feature = "rdma")]
     Rdma(interconnect::RdmaReceiver),
+    Simulated {
+        net: Arc<SimNet>,
+        addr: SocketAddr,
+    },
 }
 
 impl Receiver {
@@ -105,6 +120,7 @@ impl Receiver {
             Receiver::Tcp(receiver) => receiver.session(),
             #[cfg(feature = "rdma")]
             Receiver::Rdma(receiver) => receiver.session(),
+            Receiver::Simulated { net, addr } => net.session_into(*addr),
         }
     }
 
@@ -114,6 +130,7 @@ impl Receiver {
             Receiver::Tcp(receiver) => receiver.shutdown(),
             #[cfg(feature = "rdma")]
             Receiver::Rdma(receiver) => receiver.shutdown(),
+            Receiver::Simulated { net, addr } => net.unlisten(*addr),
         }
     }
 }

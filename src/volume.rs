@@ -1,5 +1,9 @@
 //! A volume's backing file in the aggregate directory, its dirty map, and
 //! the fence that keeps a stale owner off it.
+//!
+//! The backing is a real file, or in the simulation ([`crate::sim`]) a
+//! simulated disk with the same interface, which loses unsynced writes when
+//! a node crashes and can be told to fail.
 
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::FileExt;
@@ -11,6 +15,22 @@ use parking_lot::{Mutex, RwLock};
 use crate::error::{Error, Result};
 use crate::extents::ExtentMap;
 use crate::ha::ownership::Fence;
+use crate::sim::{Shelf, SimDisk};
+
+/// Where volume files live: the file system (the aggregate directory), or
+/// the simulation's shelf of simulated disks.
+#[derive(Debug, Clone, Default)]
+pub enum Disks {
+    #[default]
+    Files,
+    Simulated(Arc<Shelf>),
+}
+
+#[derive(Debug)]
+enum Backing {
+    File(File),
+    Simulated(Arc<SimDisk>),
+}
 
 /// The id of volume `index` of node `set` in log records: unique across the
 /// pair, so a survivor logs writes to its partner's volumes in its own log.
@@ -35,7 +55,7 @@ pub struct Volume {
     pub name: String,
     pub size_bytes: u64,
     path: PathBuf,
-    file: File,
+    backing: Backing,
     /// Data logged but not yet in the file. Lock order: the log's order lock,
     /// then this.
     pub extents: Mutex<ExtentMap>,
@@ -55,6 +75,7 @@ impl Volume {
     /// it has `size_bytes`. A file that exists with another size is refused:
     /// resizing a volume is an explicit operation, never a side effect.
     pub fn open(
+        disks: &Disks,
         aggregate_dir: &Path,
         set: u32,
         index: usize,
@@ -63,52 +84,18 @@ impl Volume {
         fence: Arc<Fence>,
     ) -> Result<Volume> {
         let dir = volume_dir(aggregate_dir, set);
-        let dir = dir.as_path();
-        std::fs::create_dir_all(dir).map_err(|source| Error::Io {
-            what: "creating the volume directory",
-            path: dir.to_owned(),
-            source,
-        })?;
         let path = dir.join(format!("{name}.vol"));
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .open(&path)
-            .map_err(|source| Error::Io {
-                what: "opening a volume file",
-                path: path.clone(),
-                source,
-            })?;
-        let actual = file
-            .metadata()
-            .map_err(|source| Error::Io {
-                what: "reading a volume file's size",
-                path: path.clone(),
-                source,
-            })?
-            .len();
-        if actual == 0 {
-            file.set_len(size_bytes).map_err(|source| Error::Io {
-                what: "sizing a new volume file",
-                path: path.clone(),
-                source,
-            })?;
-        } else if actual != size_bytes {
-            return Err(Error::VolumeSizeMismatch {
-                path,
-                configured_bytes: size_bytes,
-                actual_bytes: actual,
-            });
-        }
+        let backing = match disks {
+            Disks::Files => Backing::File(open_file(&dir, &path, size_bytes)?),
+            Disks::Simulated(shelf) => Backing::Simulated(shelf.open(&path, set, size_bytes)?),
+        };
         Ok(Volume {
             id: volume_id(set, index),
             set,
             name: name.to_owned(),
             size_bytes,
             path,
-            file,
+            backing,
             extents: Mutex::new(ExtentMap::new()),
             fence,
             file_lock: Mutex::new(()),
@@ -121,42 +108,53 @@ impl Volume {
     }
 
     pub fn read_file(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
-        self.file
-            .read_exact_at(buf, offset)
-            .map_err(|source| Error::Io {
-                what: "reading a volume file",
-                path: self.path.clone(),
-                source,
-            })
+        match &self.backing {
+            Backing::File(file) => file.read_exact_at(buf, offset),
+            Backing::Simulated(disk) => disk.read(offset, buf),
+        }
+        .map_err(|source| Error::Io {
+            what: "reading a volume file",
+            path: self.path.clone(),
+            source,
+        })
     }
 
     /// Write to the file, if this node still owns the volume.
     pub fn write_file(&self, offset: u64, data: &[u8]) -> Result<()> {
         self.fence.check()?;
-        self.file
-            .write_all_at(data, offset)
-            .map_err(|source| Error::Io {
-                what: "writing a volume file",
-                path: self.path.clone(),
-                source,
-            })
+        match &self.backing {
+            Backing::File(file) => file.write_all_at(data, offset),
+            Backing::Simulated(disk) => disk.write(offset, data),
+        }
+        .map_err(|source| Error::Io {
+            what: "writing a volume file",
+            path: self.path.clone(),
+            source,
+        })
     }
 
     /// Make the range read back as zeros: with `release`, deallocating it
     /// (trim), else keeping it allocated (write-zeroes).
     pub fn zero_file(&self, offset: u64, len: u64, release: bool) -> Result<()> {
         use nix::fcntl::{fallocate, FallocateFlags};
-        self.fence.check()?;
         use std::os::fd::AsRawFd;
+        self.fence.check()?;
+        let Backing::File(file) = &self.backing else {
+            return self.write_zeros(offset, len);
+        };
         let mode = if release {
             FallocateFlags::FALLOC_FL_PUNCH_HOLE | FallocateFlags::FALLOC_FL_KEEP_SIZE
         } else {
             FallocateFlags::FALLOC_FL_ZERO_RANGE | FallocateFlags::FALLOC_FL_KEEP_SIZE
         };
-        if fallocate(self.file.as_raw_fd(), mode, offset as i64, len as i64).is_ok() {
+        if fallocate(file.as_raw_fd(), mode, offset as i64, len as i64).is_ok() {
             return Ok(());
         }
-        // The file system cannot do it in place: write zeros.
+        // The file system cannot do it in place.
+        self.write_zeros(offset, len)
+    }
+
+    fn write_zeros(&self, offset: u64, len: u64) -> Result<()> {
         const CHUNK: usize = 1 << 20;
         let zeros = vec![0u8; CHUNK.min(len as usize)];
         let mut done = 0;
@@ -171,10 +169,56 @@ impl Volume {
     /// fdatasync: the file's data is on stable storage. A failure is final:
     /// the kernel may have dropped the dirty pages, so it is never retried.
     pub fn sync(&self) -> Result<()> {
-        self.file.sync_data().map_err(|source| Error::Io {
+        match &self.backing {
+            Backing::File(file) => file.sync_data(),
+            Backing::Simulated(disk) => disk.sync(),
+        }
+        .map_err(|source| Error::Io {
             what: "syncing a volume file",
             path: self.path.clone(),
             source,
         })
     }
+}
+
+/// Open (creating if missing) a volume file of `size_bytes`.
+fn open_file(dir: &Path, path: &Path, size_bytes: u64) -> Result<File> {
+    std::fs::create_dir_all(dir).map_err(|source| Error::Io {
+        what: "creating the volume directory",
+        path: dir.to_owned(),
+        source,
+    })?;
+    let file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(path)
+        .map_err(|source| Error::Io {
+            what: "opening a volume file",
+            path: path.to_owned(),
+            source,
+        })?;
+    let actual = file
+        .metadata()
+        .map_err(|source| Error::Io {
+            what: "reading a volume file's size",
+            path: path.to_owned(),
+            source,
+        })?
+        .len();
+    if actual == 0 {
+        file.set_len(size_bytes).map_err(|source| Error::Io {
+            what: "sizing a new volume file",
+            path: path.to_owned(),
+            source,
+        })?;
+    } else if actual != size_bytes {
+        return Err(Error::VolumeSizeMismatch {
+            path: path.to_owned(),
+            configured_bytes: size_bytes,
+            actual_bytes: actual,
+        });
+    }
+    Ok(file)
 }

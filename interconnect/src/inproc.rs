@@ -142,8 +142,9 @@ pub struct InProcTransport {
     shared: Arc<LinkShared>,
 }
 
-/// The partner's end of an in-process link, and its knobs.
-#[derive(Debug)]
+/// The partner's end of an in-process link, and its knobs. Clones are
+/// handles on the same link.
+#[derive(Debug, Clone)]
 pub struct InProcLink {
     shared: Arc<LinkShared>,
 }
@@ -301,6 +302,29 @@ impl InProcLink {
         self.shared.deliver(1, |_| true) == 1
     }
 
+    /// A torn write: the first `keep_bytes` of the oldest held write land
+    /// in the mirror, and the connection fails before the rest does (as a
+    /// link dying mid-transfer would leave it). False if nothing is held.
+    pub fn tear_next(&self, keep_bytes: u64) -> bool {
+        let mut state = self.shared.lock();
+        let Some((request, _)) = state.pending.pop_front() else {
+            return false;
+        };
+        let keep = keep_bytes.min(u64::from(request.len_bytes)) as usize;
+        let mut bytes = vec![0u8; keep];
+        self.shared
+            .local_log
+            .read_at(request.src_offset, &mut bytes)
+            .expect("the send queue checked the source range");
+        self.shared
+            .mirror
+            .write_at(request.dst_offset, &bytes)
+            .expect("the send queue checked the destination range");
+        drop(state);
+        self.cut();
+        true
+    }
+
     /// Places every held write; returns how many.
     pub fn deliver_all(&self) -> usize {
         self.shared.deliver(usize::MAX, |_| true)
@@ -316,6 +340,16 @@ impl InProcLink {
         };
         self.shared
             .deliver(usize::MAX, |posted_at| posted_at + delay <= now)
+    }
+
+    /// Whether the link was cut or closed.
+    pub fn is_cut(&self) -> bool {
+        self.shared.lock().down
+    }
+
+    /// The session id the link reports.
+    pub fn session(&self) -> u64 {
+        self.shared.session
     }
 
     /// Writes held, not yet placed.
@@ -482,6 +516,21 @@ mod tests {
             Err(Error::WriteLost { .. })
         ));
         queue.wait_placed_timeout(placed, LONG).unwrap();
+    }
+
+    #[test]
+    fn a_torn_write_places_a_prefix_and_fails_the_connection() {
+        let (queue, link, _events) = setup(Delivery::Manual);
+        let first = post(&queue, &link, 0, &[7; 64]);
+        let second = post(&queue, &link, 64, &[8; 64]);
+        assert!(link.tear_next(10));
+        assert_eq!(
+            mirror_bytes(&link, 0, 12),
+            [7, 7, 7, 7, 7, 7, 7, 7, 7, 7, 0, 0]
+        );
+        assert!(queue.wait_placed(first).is_err());
+        assert!(queue.wait_placed(second).is_err());
+        assert_eq!(mirror_bytes(&link, 64, 4), [0; 4]);
     }
 
     #[test]

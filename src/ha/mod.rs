@@ -56,7 +56,7 @@ use crate::error::{Error, Result};
 use crate::extents::{Origin, Source};
 use crate::mailbox::{self, MailboxState};
 use crate::nbd::{NbdServer, ServerConfig};
-use crate::node::{source_of, spawn, NodeInner};
+use crate::node::{source_of, spawn, Execution, InjectedBug, NodeInner};
 use crate::volume::Volume;
 use index::{IndexEntry, TakeoverIndex};
 use ownership::{Fence, Ownership};
@@ -138,13 +138,13 @@ pub struct Ha {
 
 impl Default for Ha {
     fn default() -> Self {
-        Ha::new()
+        Ha::new(Instant::now())
     }
 }
 
 impl Ha {
-    pub fn new() -> Ha {
-        let now = Instant::now();
+    /// The HA state of a node starting at `now` (its clock's reading).
+    pub fn new(now: Instant) -> Ha {
         Ha {
             state: Mutex::new(HaState {
                 role: Role::Starting,
@@ -223,7 +223,10 @@ pub(crate) fn boot(inner: &Arc<NodeInner>) -> Result<()> {
         resume_holding(inner, theirs)?;
     }
     if own.owner == me {
-        serve_own_volumes(inner, &own, false)?;
+        // A giveback said our log is in the volumes already, and we crashed
+        // before discarding it: discard it now (replaying it would write
+        // old data over what the partner wrote while it held them).
+        serve_own_volumes(inner, &own, own.log_replayed)?;
     } else {
         tracing::warn!(
             owner = own.owner,
@@ -243,11 +246,12 @@ pub(crate) fn boot(inner: &Arc<NodeInner>) -> Result<()> {
 /// first forget the local log (the partner replayed it).
 fn serve_own_volumes(inner: &Arc<NodeInner>, own: &Ownership, discard_log: bool) -> Result<()> {
     let (me, _) = me_and_partner(inner);
-    let fence = Arc::new(Fence::new(&inner.config.aggregate_dir, me, own));
+    let fence = Arc::new(fence_for(inner, own));
     fence.check()?;
     if discard_log {
         wait_for_writers(inner);
         inner.log.discard_all()?;
+        ownership::log_discarded(&inner.config.aggregate_dir, own)?;
     }
     let volumes = inner
         .config
@@ -256,6 +260,7 @@ fn serve_own_volumes(inner: &Arc<NodeInner>, own: &Ownership, discard_log: bool)
         .enumerate()
         .map(|(index, volume)| {
             Volume::open(
+                &inner.runtime.disks,
                 &inner.config.aggregate_dir,
                 me,
                 index,
@@ -281,6 +286,16 @@ fn serve_own_volumes(inner: &Arc<NodeInner>, own: &Ownership, discard_log: bool)
     Ok(())
 }
 
+/// This node's fence on the volumes `ownership` gives it.
+fn fence_for(inner: &NodeInner, ownership: &Ownership) -> Fence {
+    let fence = Fence::new(&inner.config.aggregate_dir, inner.config.node_id, ownership);
+    if inner.runtime.injected_bug == Some(InjectedBug::SkipEpochCheck) {
+        fence.ignoring_owner_changes()
+    } else {
+        fence
+    }
+}
+
 fn wait_for_writers(inner: &NodeInner) {
     let deadline = Instant::now() + Duration::from_secs(5);
     while inner.log.status().reserved_bytes > 0 && Instant::now() < deadline {
@@ -302,18 +317,19 @@ fn open_partner_volumes(
     inner: &NodeInner,
     ownership: &Ownership,
 ) -> Result<(Vec<Arc<Volume>>, MailboxState)> {
-    let (me, partner) = me_and_partner(inner);
+    let (_, partner) = me_and_partner(inner);
     let mailbox =
         mailbox::read(&inner.config.aggregate_dir, partner)?.ok_or_else(|| Error::Failed {
             reason: format!("node {partner} never wrote its mailbox: its volumes are unknown"),
         })?;
-    let fence = Arc::new(Fence::new(&inner.config.aggregate_dir, me, ownership));
+    let fence = Arc::new(fence_for(inner, ownership));
     let volumes = mailbox
         .volumes
         .iter()
         .enumerate()
         .map(|(index, info)| {
             Volume::open(
+                &inner.runtime.disks,
                 &inner.config.aggregate_dir,
                 partner,
                 index,
@@ -333,10 +349,22 @@ fn resume_holding(inner: &Arc<NodeInner>, theirs: Ownership) -> Result<()> {
     let (_, partner) = me_and_partner(inner);
     let span = tracing::info_span!("takeover_resume", partner, epoch = theirs.epoch);
     let _entered = span.enter();
+    // The index is saved before the takeover serves anything, and kept
+    // (empty) once the replay is done: without one for this epoch, the
+    // takeover stopped before serving, and the partner's log is its own.
+    let index = TakeoverIndex::load(&inner.config.data_dir, partner)?
+        .filter(|index| index.epoch == theirs.epoch);
+    let Some(index) = index else {
+        tracing::warn!(
+            epoch = theirs.epoch,
+            "the partner's volumes are fenced to this node, but its takeover stopped before              serving them: they wait for a giveback"
+        );
+        inner.ha.state.lock().aborted_takeover = Some(theirs);
+        return Ok(());
+    };
     let (volumes, mailbox) = open_partner_volumes(inner, &theirs)?;
-    let index = TakeoverIndex::load(&inner.config.data_dir, partner)?;
     let mut entries = 0;
-    if let Some(index) = &index {
+    {
         for entry in &index.entries {
             if let Some(volume) = volumes.iter().find(|v| v.id == entry.volume_id) {
                 volume.extents.lock().insert_from(
@@ -377,6 +405,7 @@ fn start_replay_accounting(inner: &NodeInner, volumes: &[Arc<Volume>]) {
 /// Take over the partner's volumes now (see the module docs).
 pub fn takeover(inner: &Arc<NodeInner>, force: bool, reason: &str) -> Result<String> {
     let _transition = inner.ha.transition.lock();
+    inner.check_not_failed()?;
     let (me, partner) = me_and_partner(inner);
     let span = tracing::info_span!("takeover", partner, force);
     let _entered = span.enter();
@@ -449,57 +478,74 @@ pub fn takeover(inner: &Arc<NodeInner>, force: bool, reason: &str) -> Result<Str
         }
         tracing::warn!(%why, "forced takeover of an out-of-sync mirror: writes the mirror lacks are lost");
     }
-    // 3. Nothing more lands in the mirror; make it durable; scan it.
-    inner.shutdown_receiver();
-    inner
-        .region
-        .persist(inner.region.mirror().offset, inner.region.mirror().len)?;
-    let image = inner.region.snapshot(inner.region.mirror());
-    let scanner = Scanner::new(&image)?;
-    if let Some(header) = scanner.header() {
-        if header.node_id != partner {
-            return Err(Error::Failed {
-                reason: format!(
-                    "the mirror holds node {}'s log, not node {partner}'s",
-                    header.node_id
-                ),
-            });
+    // 3 and 4. Any failure from here on leaves the volumes fenced but not
+    // served: recorded as a stopped takeover (durably: no index was saved),
+    // which a giveback hands back with the partner's log intact.
+    let indexed = (|| -> Result<(Vec<Arc<Volume>>, MailboxState, u64)> {
+        // 3. Nothing more lands in the mirror; make it durable; scan it.
+        inner.shutdown_receiver();
+        inner
+            .region
+            .persist(inner.region.mirror().offset, inner.region.mirror().len)?;
+        let image = inner.region.snapshot(inner.region.mirror());
+        let scanner = Scanner::new(&image)?;
+        if let Some(header) = scanner.header() {
+            if header.node_id != partner {
+                return Err(Error::Failed {
+                    reason: format!(
+                        "the mirror holds node {}'s log, not node {partner}'s",
+                        header.node_id
+                    ),
+                });
+            }
         }
-    }
-    // 4. The index: every record's extent, in LSN order, newest winning.
-    let (volumes, partner_mailbox) = open_partner_volumes(inner, &ours)?;
-    let mirror_base = inner.region.mirror().offset;
-    let mut records = 0u64;
-    for record in scanner {
-        let header = record.header;
-        let Some(volume) = volumes.iter().find(|v| v.id == header.volume) else {
-            tracing::error!(
-                volume = header.volume,
-                lsn = header.lsn,
-                "mirrored record for an unknown volume; skipped"
+        // 4. The index: every record's extent, in LSN order, newest winning.
+        let (volumes, partner_mailbox) = open_partner_volumes(inner, &ours)?;
+        let mirror_base = inner.region.mirror().offset;
+        let mut records = 0u64;
+        for record in scanner {
+            let header = record.header;
+            let Some(volume) = volumes.iter().find(|v| v.id == header.volume) else {
+                tracing::error!(
+                    volume = header.volume,
+                    lsn = header.lsn,
+                    "mirrored record for an unknown volume; skipped"
+                );
+                continue;
+            };
+            if header
+                .offset
+                .checked_add(header.extent_len)
+                .map_or(true, |end| end > volume.size_bytes)
+            {
+                tracing::error!(volume = %volume.name, lsn = header.lsn, "mirrored record beyond its volume; skipped");
+                continue;
+            }
+            let payload_at =
+                mirror_base + record.log_offset + nvlog::record::RECORD_HEADER_BYTES as u64;
+            volume.extents.lock().insert_from(
+                Origin::Mirror,
+                header.offset,
+                header.extent_len,
+                header.lsn,
+                source_of(header.kind, payload_at),
             );
-            continue;
-        };
-        if header
-            .offset
-            .checked_add(header.extent_len)
-            .map_or(true, |end| end > volume.size_bytes)
-        {
-            tracing::error!(volume = %volume.name, lsn = header.lsn, "mirrored record beyond its volume; skipped");
-            continue;
+            records += 1;
         }
-        let payload_at =
-            mirror_base + record.log_offset + nvlog::record::RECORD_HEADER_BYTES as u64;
-        volume.extents.lock().insert_from(
-            Origin::Mirror,
-            header.offset,
-            header.extent_len,
-            header.lsn,
-            source_of(header.kind, payload_at),
-        );
-        records += 1;
-    }
-    save_index(inner, partner, ours.epoch, &volumes)?;
+        save_index(inner, partner, ours.epoch, &volumes)?;
+        Ok((volumes, partner_mailbox, records))
+    })();
+    let (volumes, partner_mailbox, records) = match indexed {
+        Ok(indexed) => indexed,
+        Err(error) => {
+            tracing::error!(%error, "takeover stopped after fencing");
+            inner.ha.state.lock().aborted_takeover = Some(ours);
+            inner.bind_receiver()?;
+            return Err(refused(format!(
+                "takeover stopped after fencing: {error}; `nvmirror giveback` hands the volumes back"
+            )));
+        }
+    };
     // 5. Serve.
     inner.attach_volumes(volumes.clone());
     start_replay_accounting(inner, &volumes);
@@ -524,9 +570,11 @@ pub fn takeover(inner: &Arc<NodeInner>, force: bool, reason: &str) -> Result<Str
     }
     bind_partner_listener(inner, &partner_mailbox);
     run_hook(inner, "takeover", &partner_mailbox.nbd_listen);
-    // 6. Replay in the background.
-    let thread = spawn_replay(inner);
-    *inner.ha.replay_thread.lock() = Some(thread);
+    // 6. Replay in the background (a stepped node replays when stepped).
+    if inner.runtime.execution == Execution::Threads {
+        let thread = spawn_replay(inner);
+        *inner.ha.replay_thread.lock() = Some(thread);
+    }
     let message = format!(
         "took over node {partner}'s volumes at epoch {} ({records} mirrored records indexed, serving after {resume_ms} ms; replaying in the background)",
         ours.epoch
@@ -618,59 +666,101 @@ fn replay(inner: &NodeInner) -> Result<()> {
         (rate / 8).clamp(4096, REPLAY_BATCH_BYTES)
     });
     let started = Instant::now();
-    for volume in &holding.volumes {
-        loop {
-            if inner.is_stopping() {
-                return Ok(());
+    loop {
+        if inner.is_stopping() {
+            return Ok(());
+        }
+        if let Some(rate) = rate {
+            // Sleep until the bytes done so far fit the rate.
+            let done = inner.ha.replay_done_bytes.load(Ordering::Acquire);
+            let due = Duration::from_secs_f64(done as f64 / rate as f64);
+            if let Some(wait) = due.checked_sub(started.elapsed()) {
+                std::thread::sleep(wait.min(Duration::from_millis(200)));
+                continue;
             }
-            if let Some(rate) = rate {
-                // Sleep until the bytes done so far fit the rate.
-                let done = inner.ha.replay_done_bytes.load(Ordering::Acquire);
-                let due = Duration::from_secs_f64(done as f64 / rate as f64);
-                if let Some(wait) = due.checked_sub(started.elapsed()) {
-                    std::thread::sleep(wait.min(Duration::from_millis(200)));
-                    continue;
-                }
-            }
-            let written = {
-                let _file = volume.file_lock.lock();
-                let pieces = volume.extents.lock().mirror_pieces(batch_bytes);
-                if pieces.is_empty() {
-                    break;
-                }
-                let mut written = 0;
-                for piece in &pieces {
-                    match piece.source {
-                        Source::Region { offset } => {
-                            buffer.resize(piece.len as usize, 0);
-                            inner.region.read(offset, &mut buffer);
-                            volume.write_file(piece.start, &buffer)?;
-                        }
-                        Source::Zero => volume.zero_file(piece.start, piece.len, false)?,
-                        Source::Hole => volume.zero_file(piece.start, piece.len, true)?,
-                    }
-                    written += piece.len;
-                }
-                volume.sync()?;
-                let mut extents = volume.extents.lock();
-                for piece in &pieces {
-                    extents.remove_mirror_piece(piece);
-                }
-                written
-            };
-            inner
-                .ha
-                .replay_done_bytes
-                .fetch_add(written, Ordering::AcqRel);
-            save_index(
-                inner,
-                holding.ownership.volumes_of,
-                holding.ownership.epoch,
-                &holding.volumes,
-            )?;
+        }
+        if !replay_batch(inner, &holding, &mut buffer, batch_bytes)? {
+            break;
         }
     }
-    TakeoverIndex::remove(&inner.config.data_dir, holding.ownership.volumes_of)?;
+    finish_replay(inner, &holding)
+}
+
+/// One step of the replay, for a stepped node: a batch of at most
+/// `batch_bytes`, or the end of the replay. False once nothing is left.
+pub(crate) fn replay_step(inner: &NodeInner, batch_bytes: u64) -> Result<bool> {
+    if !inner.ha.replay_pending() {
+        return Ok(false);
+    }
+    let Some(holding) = inner.ha.state.lock().holding.clone() else {
+        return Ok(false);
+    };
+    if replay_batch(inner, &holding, &mut Vec::new(), batch_bytes)? {
+        return Ok(true);
+    }
+    finish_replay(inner, &holding)?;
+    Ok(false)
+}
+
+/// Write up to `batch_bytes` of mirrored extents of one volume to its file,
+/// sync it, forget those extents and save the index. False if none is left.
+fn replay_batch(
+    inner: &NodeInner,
+    holding: &Holding,
+    buffer: &mut Vec<u8>,
+    batch_bytes: u64,
+) -> Result<bool> {
+    for volume in &holding.volumes {
+        let written = {
+            let _file = volume.file_lock.lock();
+            let pieces = volume.extents.lock().mirror_pieces(batch_bytes);
+            if pieces.is_empty() {
+                continue;
+            }
+            let mut written = 0;
+            for piece in &pieces {
+                match piece.source {
+                    Source::Region { offset } => {
+                        buffer.resize(piece.len as usize, 0);
+                        inner.region.read(offset, buffer);
+                        volume.write_file(piece.start, buffer)?;
+                    }
+                    Source::Zero => volume.zero_file(piece.start, piece.len, false)?,
+                    Source::Hole => volume.zero_file(piece.start, piece.len, true)?,
+                }
+                written += piece.len;
+            }
+            volume.sync()?;
+            let mut extents = volume.extents.lock();
+            for piece in &pieces {
+                extents.remove_mirror_piece(piece);
+            }
+            written
+        };
+        inner
+            .ha
+            .replay_done_bytes
+            .fetch_add(written, Ordering::AcqRel);
+        save_index(
+            inner,
+            holding.ownership.volumes_of,
+            holding.ownership.epoch,
+            &holding.volumes,
+        )?;
+        return Ok(true);
+    }
+    Ok(false)
+}
+
+/// Everything mirrored is in the partner's files: the index goes empty
+/// (kept until the giveback: it says the takeover completed).
+fn finish_replay(inner: &NodeInner, holding: &Holding) -> Result<()> {
+    save_index(
+        inner,
+        holding.ownership.volumes_of,
+        holding.ownership.epoch,
+        &holding.volumes,
+    )?;
     inner.ha.replay_active.store(false, Ordering::Release);
     let mut state = inner.ha.state.lock();
     if let Some(times) = state.last_takeover.as_mut() {
@@ -686,6 +776,9 @@ fn replay(inner: &NodeInner) -> Result<()> {
 /// Serve the partner's volumes on its own NBD address too, when this host
 /// can bind it (same host, or a floating address the hook moved here).
 fn bind_partner_listener(inner: &Arc<NodeInner>, partner_mailbox: &MailboxState) {
+    if inner.runtime.execution == Execution::Stepped {
+        return;
+    }
     let Ok(addr) = partner_mailbox.nbd_listen.parse::<SocketAddr>() else {
         return;
     };
@@ -754,6 +847,9 @@ fn run_hook(inner: &NodeInner, event: &str, partner_nbd: &str) {
 /// Hand the partner's volumes back (see the module docs).
 pub fn giveback(inner: &Arc<NodeInner>) -> Result<String> {
     let _transition = inner.ha.transition.lock();
+    // A failed node's log may hold records a failed consistency point never
+    // wrote: restart it (recovery writes them), then give back.
+    inner.check_not_failed()?;
     let (me, partner) = me_and_partner(inner);
     let span = tracing::info_span!("giveback", partner);
     let _entered = span.enter();
@@ -856,7 +952,7 @@ pub fn cut_interconnect(inner: &NodeInner, duration: Duration) {
         duration_ms = duration.as_millis() as u64,
         "interconnect cut on request"
     );
-    inner.ha.state.lock().cut_until = Some(Instant::now() + duration);
+    inner.ha.state.lock().cut_until = Some(inner.runtime.clock.now() + duration);
     inner.mirror.cut(duration);
     inner.shutdown_receiver();
 }
@@ -878,7 +974,8 @@ pub(crate) fn run_monitor(inner: &Arc<NodeInner>) {
     }
 }
 
-fn monitor_tick(inner: &Arc<NodeInner>) -> Result<()> {
+/// One round of the HA monitor.
+pub(crate) fn monitor_tick(inner: &Arc<NodeInner>) -> Result<()> {
     let (me, partner) = me_and_partner(inner);
     let aggregate = &inner.config.aggregate_dir;
     let role = inner.ha.role();
@@ -914,7 +1011,7 @@ fn monitor_tick(inner: &Arc<NodeInner>) -> Result<()> {
         Role::Starting => {}
     }
     // The partner: its mailbox heartbeat and the interconnect.
-    let now = Instant::now();
+    let now = inner.runtime.clock.now();
     let partner_mailbox = mailbox::read(aggregate, partner).ok().flatten();
     let interconnect_up = inner.link() != crate::mirror::Link::Down || inner.receiver_connected();
     let (interconnect_silent, mailbox_stale, cut_active) = {
@@ -975,8 +1072,10 @@ fn monitor_tick(inner: &Arc<NodeInner>) -> Result<()> {
     } else if !partner_down {
         inner.ha.state.lock().refusal = None;
     }
-    // Automatic giveback, when configured.
-    if let (true, Some(delay_ms)) = (holding, inner.config.ha.auto_giveback_delay_ms) {
+    // Automatic giveback, when configured: of volumes served here, or
+    // fenced by a takeover that stopped before serving them.
+    let aborted = inner.ha.state.lock().aborted_takeover.is_some();
+    if let (true, Some(delay_ms)) = (holding || aborted, inner.config.ha.auto_giveback_delay_ms) {
         let waiting = partner_mailbox
             .as_ref()
             .is_some_and(|m| m.state == Role::WaitingForGiveback.as_str())

@@ -129,6 +129,31 @@ pub fn change_hands(
     Ok(next)
 }
 
+/// The owner has discarded its log after a giveback (see
+/// [`Ownership::log_replayed`]): clear the flag, same owner and epoch, so a
+/// restart from now on recovers the log it writes again.
+pub fn log_discarded(aggregate_dir: &Path, seen: &Ownership) -> Result<Ownership> {
+    let current = read(aggregate_dir, seen.volumes_of)?;
+    if current.epoch != seen.epoch || current.owner != seen.owner {
+        return Err(Error::Failed {
+            reason: format!(
+                "node {}'s volumes changed hands meanwhile (now node {} at epoch {})",
+                seen.volumes_of, current.owner, current.epoch
+            ),
+        });
+    }
+    let next = Ownership {
+        log_replayed: false,
+        reason: "log discarded after the giveback".into(),
+        updated_unix_ms: now_unix_ms(),
+        ..current
+    };
+    let mut bytes = serde_json::to_vec_pretty(&next).expect("ownership serializes");
+    bytes.push(b'\n');
+    write_atomically(&owner_path(aggregate_dir, seen.volumes_of), &bytes)?;
+    Ok(next)
+}
+
 /// Proof that this node serves node `volumes_of`'s volumes at `epoch`.
 #[derive(Debug)]
 pub struct Fence {
@@ -139,6 +164,9 @@ pub struct Fence {
     /// (inode, size, mtime ns) of the owner file when last read as ours.
     seen: Mutex<Option<(u64, u64, i64)>>,
     tripped: AtomicBool,
+    /// The simulation's deliberately broken variant: owner changes go
+    /// unnoticed (see `InjectedBug::SkipEpochCheck`).
+    ignore_owner_changes: bool,
 }
 
 impl Fence {
@@ -151,7 +179,15 @@ impl Fence {
             epoch: ownership.epoch,
             seen: Mutex::new(None),
             tripped: AtomicBool::new(false),
+            ignore_owner_changes: false,
         }
+    }
+
+    /// The broken variant the simulation must catch: never reads the owner
+    /// file again.
+    pub(crate) fn ignoring_owner_changes(mut self) -> Fence {
+        self.ignore_owner_changes = true;
+        self
     }
 
     pub fn epoch(&self) -> u64 {
@@ -175,6 +211,9 @@ impl Fence {
     pub fn check(&self) -> Result<()> {
         if self.is_tripped() {
             return Err(self.fenced());
+        }
+        if self.ignore_owner_changes {
+            return Ok(());
         }
         let stamp = match std::fs::metadata(&self.path) {
             Ok(metadata) => Some((

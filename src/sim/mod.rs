@@ -1,0 +1,1010 @@
+//! Deterministic simulation of the pair.
+//!
+//! Two real nodes ([`NodeInner`], with their real log, mirror, consistency
+//! points, HA monitor, takeover, persisted index, replay and giveback) run
+//! in one thread, stepped by a scheduler that a single seed drives. What
+//! they run on is simulated:
+//!
+//! - time: a [`Clock`] that moves only when the scheduler advances it;
+//! - NVRAM: in-memory regions; a crash keeps what was persisted and tears
+//!   the rest at any byte (`nvlog::Region::crash_image`);
+//! - volume files: a shelf of simulated disks ([`Shelf`]) with a write
+//!   cache a crash loses, sector-torn writes, and injected write and fsync
+//!   errors;
+//! - the interconnect: in-process links ([`SimNet`]) whose writes are held
+//!   until the scheduler places them, in order, or tears one.
+//!
+//! Owner files, mailboxes and the takeover index are real files in a
+//! throw-away directory (written atomically, so a crash between steps
+//! leaves the old or the new one).
+//!
+//! The faults: node crashes, torn mirror writes, partitions that heal, a
+//! node stalled past the failure detector (it wakes up fenced), failing
+//! volume writes and fsyncs, a full log (small halves), and now and then an
+//! operator forcing a takeover of an out-of-sync mirror. The [`Checker`]
+//! says what every read may return; the shelf catches a stale owner
+//! writing. A violation stops the run with the trace of its last steps and
+//! the command that replays it.
+//!
+//! Not simulated (yet): the interconnect's own heartbeats and control
+//! messages (the in-process link has none; the failure detector's verdict
+//! is applied by cutting a stalled node's sessions once its timeout has
+//! passed), and interleavings inside one step (each step is atomic: two
+//! writers never race inside the write path here; the stress and loom
+//! tests cover that).
+
+mod checker;
+mod disk;
+mod net;
+mod rng;
+
+use std::collections::VecDeque;
+use std::fmt;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use crossbeam_channel::Receiver;
+use interconnect::ControlEvent;
+use nvlog::{Geometry, Region};
+
+pub use checker::Checker;
+pub use disk::{Shelf, SimDisk};
+pub use net::SimNet;
+pub use rng::SplitMix64;
+
+use crate::clock::Clock;
+use crate::config::{Config, Durability};
+use crate::error::Error;
+use crate::node::{Execution, InjectedBug, NodeInner, PendingWrite, Runtime};
+use crate::transport::LinkConfig;
+use crate::volume::{volume_id, Disks, Volume};
+use crate::workload::BLOCK_BYTES;
+
+/// Blocks per simulated volume (4 KiB each).
+const VOLUME_BLOCKS: u64 = 24;
+/// Volumes per node.
+const VOLUMES_PER_NODE: usize = 2;
+/// Log halves of the minimum size: about 15 block writes fill one, so the
+/// log is often full and consistency points run all the time.
+const HALF_BYTES: u64 = 64 * 1024;
+const HEARTBEAT_TIMEOUT_MS: u64 = 1000;
+const MAILBOX_TIMEOUT_MS: u64 = 1000;
+/// Steps of the trace kept for a failure report.
+const TRACE_STEPS: usize = 80_000;
+
+/// What to simulate.
+#[derive(Debug, Clone)]
+pub struct SimOptions {
+    pub seed: u64,
+    pub steps: u64,
+    /// A deliberately broken node, to show that the checker catches it.
+    pub bug: Option<InjectedBug>,
+}
+
+impl SimOptions {
+    /// The command that replays this run.
+    pub fn replay_command(&self) -> String {
+        let bug = match self.bug {
+            Some(InjectedBug::AckBeforePlaced) => " --inject-bug ack-before-placed",
+            Some(InjectedBug::SkipEpochCheck) => " --inject-bug skip-epoch-check",
+            None => "",
+        };
+        format!(
+            "nvmirror sim --seed {} --steps {}{bug}",
+            self.seed, self.steps
+        )
+    }
+}
+
+/// What a run did.
+#[derive(Debug, Default, Clone)]
+pub struct SimReport {
+    pub seed: u64,
+    pub durability: &'static str,
+    pub steps: u64,
+    pub simulated_ms: u64,
+    pub writes_issued: u64,
+    pub writes_acked: u64,
+    pub writes_busy: u64,
+    pub reads_checked: u64,
+    pub checkpoints: u64,
+    pub crashes: u64,
+    pub power_losses: u64,
+    pub stalls: u64,
+    pub partitions: u64,
+    pub torn_mirror_writes: u64,
+    pub disk_faults: u64,
+    pub takeovers: u64,
+    pub forced_takeovers: u64,
+    pub givebacks: u64,
+    pub full_checks: u64,
+}
+
+impl fmt::Display for SimReport {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "seed {} (durability {}): {} steps, {} ms simulated; writes {} issued, {} acknowledged, {} retried \
+             (log or slots full); {} reads checked, {} full read-backs; {} consistency points; \
+             faults: {} crashes ({} power losses), {} stalls, {} partitions, {} torn mirror writes, {} disk errors; \
+             {} takeovers ({} forced), {} givebacks",
+            self.seed,
+            self.durability,
+            self.steps,
+            self.simulated_ms,
+            self.writes_issued,
+            self.writes_acked,
+            self.writes_busy,
+            self.reads_checked,
+            self.full_checks,
+            self.checkpoints,
+            self.crashes,
+            self.power_losses,
+            self.stalls,
+            self.partitions,
+            self.torn_mirror_writes,
+            self.disk_faults,
+            self.takeovers,
+            self.forced_takeovers,
+            self.givebacks
+        )
+    }
+}
+
+/// A violation of the pair's promises, with how to see it again.
+#[derive(Debug, Clone)]
+pub struct SimFailure {
+    pub options: SimOptions,
+    pub step: u64,
+    pub violation: String,
+    /// The last steps before the violation.
+    pub trace: Vec<String>,
+    pub report: SimReport,
+}
+
+impl fmt::Display for SimFailure {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        writeln!(
+            f,
+            "simulation seed {} failed at step {}: {}",
+            self.options.seed, self.step, self.violation
+        )?;
+        writeln!(f, "last steps:")?;
+        for line in &self.trace {
+            writeln!(f, "  {line}")?;
+        }
+        write!(f, "replay: {}", self.options.replay_command())
+    }
+}
+
+/// Run one seed.
+pub fn run(options: &SimOptions) -> Result<SimReport, Box<SimFailure>> {
+    let mut world = World::new(options).map_err(|error| {
+        Box::new(SimFailure {
+            options: options.clone(),
+            step: 0,
+            violation: format!("the simulated pair could not start: {error}"),
+            trace: Vec::new(),
+            report: SimReport::default(),
+        })
+    })?;
+    let result = world.run();
+    let report = world.report();
+    result.map(|()| report.clone()).map_err(|violation| {
+        Box::new(SimFailure {
+            options: options.clone(),
+            step: world.step,
+            violation,
+            trace: world.trace.iter().cloned().collect(),
+            report,
+        })
+    })
+}
+
+/// One simulated node: its NVRAM survives its crashes.
+struct SimNode {
+    id: u32,
+    config: Config,
+    region: Arc<Region>,
+    inner: Option<Arc<NodeInner>>,
+    events: Option<Receiver<ControlEvent>>,
+    /// Crashed: restarts at this simulated time.
+    down_until_ms: Option<u64>,
+    /// Stalled (SIGSTOP): takes no step until this time.
+    stalled_until_ms: Option<u64>,
+    stalled_since_ms: u64,
+    /// Its sessions were cut by the failure detector during this stall.
+    stall_detected: bool,
+    /// Counts restarts, so writes of an earlier life are not finished.
+    incarnation: u64,
+}
+
+/// A write in the log, not yet acknowledged.
+struct InFlight {
+    node: u32,
+    incarnation: u64,
+    volume: Arc<Volume>,
+    block: u64,
+    version: u64,
+    pending: Option<PendingWrite>,
+}
+
+struct World {
+    options: SimOptions,
+    rng: SplitMix64,
+    /// Chosen by the seed: whether writes wait for local persistence.
+    durability: Durability,
+    _dir: tempfile::TempDir,
+    elapsed_ms: Arc<AtomicU64>,
+    clock: Clock,
+    net: Arc<SimNet>,
+    shelf: Arc<Shelf>,
+    nodes: [SimNode; 2],
+    checker: Checker,
+    in_flight: Vec<InFlight>,
+    report: SimReport,
+    trace: VecDeque<String>,
+    step: u64,
+}
+
+impl World {
+    fn new(options: &SimOptions) -> crate::Result<World> {
+        let base = if std::path::Path::new("/dev/shm").is_dir() {
+            std::path::PathBuf::from("/dev/shm")
+        } else {
+            std::env::temp_dir()
+        };
+        let dir = tempfile::Builder::new()
+            .prefix("nvmirror-sim-")
+            .tempdir_in(base)
+            .map_err(|source| Error::Io {
+                what: "creating the simulation's directory",
+                path: std::env::temp_dir(),
+                source,
+            })?;
+        let (clock, elapsed_ms) = Clock::simulated();
+        let net = SimNet::new();
+        let shelf = Shelf::new(&dir.path().join("aggregate"));
+        let geometry = Geometry::new(HALF_BYTES)?;
+        let mut rng = SplitMix64::new(options.seed);
+        let durability = if rng.chance(50) {
+            Durability::Persist
+        } else {
+            Durability::Mirror
+        };
+        let durability_name = match durability {
+            Durability::Persist => "persist",
+            Durability::Mirror => "mirror",
+        };
+        let nodes = [1u32, 2].map(|id| {
+            let config = sim_config(dir.path(), id, durability_name)
+                .expect("the simulation's config is valid");
+            SimNode {
+                id,
+                config,
+                region: Arc::new(Region::in_memory(id, geometry)),
+                inner: None,
+                events: None,
+                down_until_ms: None,
+                stalled_until_ms: None,
+                stalled_since_ms: 0,
+                stall_detected: false,
+                incarnation: 0,
+            }
+        });
+        let mut world = World {
+            options: options.clone(),
+            rng,
+            durability,
+            _dir: dir,
+            elapsed_ms,
+            clock,
+            net,
+            shelf,
+            nodes,
+            checker: Checker::default(),
+            in_flight: Vec::new(),
+            report: SimReport {
+                seed: options.seed,
+                ..SimReport::default()
+            },
+            trace: VecDeque::new(),
+            step: 0,
+        };
+        for index in 0..2 {
+            world
+                .start_node(index)
+                .map_err(|violation| Error::Failed { reason: violation })?;
+        }
+        Ok(world)
+    }
+
+    fn report(&self) -> SimReport {
+        let mut report = self.report.clone();
+        report.steps = self.step;
+        report.durability = match self.durability {
+            Durability::Persist => "persist",
+            Durability::Mirror => "mirror",
+        };
+        report.simulated_ms = self.now_ms();
+        report.writes_acked = self.checker.acked_writes;
+        report.reads_checked = self.checker.reads_checked;
+        report
+    }
+
+    fn now_ms(&self) -> u64 {
+        self.elapsed_ms.load(Ordering::Acquire)
+    }
+
+    fn note(&mut self, what: impl fmt::Display) {
+        if self.trace.len() == TRACE_STEPS {
+            self.trace.pop_front();
+        }
+        let line = format!("step {} t={}ms {what}", self.step, self.now_ms());
+        self.trace.push_back(line);
+    }
+
+    fn run(&mut self) -> Result<(), String> {
+        for step in 0..self.options.steps {
+            self.step = step;
+            self.elapsed_ms.fetch_add(1, Ordering::AcqRel);
+            self.wake_nodes()?;
+            self.one_step()?;
+            self.collect_violations()?;
+        }
+        self.step = self.options.steps;
+        self.settle_down()
+    }
+
+    /// Restart crashed nodes and wake stalled ones whose time has come;
+    /// apply the failure detector's verdict on long stalls.
+    fn wake_nodes(&mut self) -> Result<(), String> {
+        let now = self.now_ms();
+        for index in 0..2 {
+            if self.nodes[index]
+                .down_until_ms
+                .is_some_and(|until| now >= until)
+            {
+                self.nodes[index].down_until_ms = None;
+                self.start_node(index)?;
+                self.full_check("after a restart")?;
+            }
+            let node = &self.nodes[index];
+            if node.stalled_until_ms.is_some()
+                && !node.stall_detected
+                && now - node.stalled_since_ms >= HEARTBEAT_TIMEOUT_MS
+            {
+                // The partner's failure detector: a silent session is cut.
+                let (own, partner) = (
+                    node.config.interconnect.listen,
+                    node.config.interconnect.partner,
+                );
+                self.nodes[index].stall_detected = true;
+                self.net.cut_into(own);
+                self.net.cut_into(partner);
+                self.note(format_args!(
+                    "node {} silent past the heartbeat timeout: sessions cut",
+                    index + 1
+                ));
+            }
+            if self.nodes[index]
+                .stalled_until_ms
+                .is_some_and(|until| now >= until)
+            {
+                self.nodes[index].stalled_until_ms = None;
+                let addr = self.nodes[index].config.interconnect.listen;
+                self.net.set_deaf(addr, false);
+                self.note(format_args!("node {} wakes up", index + 1));
+            }
+        }
+        // An operator restarts a node that stopped accepting writes.
+        for index in 0..2 {
+            let failed = self.live(index).and_then(|inner| inner.failure());
+            if let Some(reason) = failed {
+                if self.rng.chance(20) {
+                    self.note(format_args!(
+                        "node {} failed ({reason}): restarted",
+                        index + 1
+                    ));
+                    self.crash(index);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Boot node `index` on its NVRAM (a crash image after a crash).
+    fn start_node(&mut self, index: usize) -> Result<(), String> {
+        let node = &mut self.nodes[index];
+        node.incarnation += 1;
+        self.shelf.set_actor(node.id);
+        let runtime = Runtime {
+            execution: Execution::Stepped,
+            clock: self.clock.clone(),
+            disks: Disks::Simulated(self.shelf.clone()),
+            injected_bug: self.options.bug,
+        };
+        let assembled = NodeInner::assemble(
+            node.config.clone(),
+            node.region.clone(),
+            LinkConfig::Simulated(self.net.clone()),
+            runtime,
+        );
+        let (inner, events) = match assembled {
+            Ok(assembled) => assembled,
+            // An injected disk error during recovery: the node does not come
+            // up; as after a crash, its NVRAM keeps what was persisted, and
+            // the operator tries again later.
+            Err(error @ Error::Io { .. }) => {
+                let id = node.id;
+                let image = node.region.crash_image(self.rng.next_u64());
+                node.region = Arc::new(
+                    Region::from_image(id, node.region.geometry(), &image)
+                        .expect("a crash image has the region's geometry"),
+                );
+                self.net.unlisten(node.config.interconnect.listen);
+                node.down_until_ms = Some(self.elapsed_ms.load(Ordering::Acquire) + 500);
+                self.note(format_args!(
+                    "node {id} fails to start ({error}); retried later"
+                ));
+                return Ok(());
+            }
+            Err(error) => return Err(format!("node {} cannot start: {error}", node.id)),
+        };
+        let role = inner.ha.role().as_str();
+        node.inner = Some(inner);
+        node.events = Some(events);
+        let id = node.id;
+        self.note(format_args!("node {id} starts: {role}"));
+        Ok(())
+    }
+
+    /// Node `index` if it is up and not stalled; its events delivered.
+    fn live(&self, index: usize) -> Option<Arc<NodeInner>> {
+        let node = &self.nodes[index];
+        if node.stalled_until_ms.is_some() {
+            return None;
+        }
+        let inner = node.inner.clone()?;
+        self.shelf.set_actor(node.id);
+        if let Some(events) = &node.events {
+            while let Ok(event) = events.try_recv() {
+                inner.on_interconnect_event(event);
+            }
+        }
+        Some(inner)
+    }
+
+    fn pick_node(&mut self) -> usize {
+        self.rng.below(2) as usize
+    }
+
+    fn one_step(&mut self) -> Result<(), String> {
+        let roll = self.rng.below(1000);
+        match roll {
+            0..=299 => self.write(),
+            300..=499 => self.finish(),
+            500..=679 => self.deliver(),
+            680..=749 => self.read(),
+            750..=799 => self.checkpoint(),
+            800..=839 => self.connect(),
+            840..=899 => self.monitor(),
+            900..=949 => {
+                let ms = 20 + self.rng.below(300);
+                self.elapsed_ms.fetch_add(ms, Ordering::AcqRel);
+                Ok(())
+            }
+            950..=969 => self.replay(),
+            970..=974 => self.crash_one(),
+            975..=979 => self.stall_one(),
+            980..=984 => self.partition_or_heal(),
+            985..=989 => self.disk_fault(),
+            990..=994 => self.tear(),
+            _ => self.forced_takeover(),
+        }
+    }
+
+    fn write(&mut self) -> Result<(), String> {
+        let index = self.pick_node();
+        let Some(inner) = self.live(index) else {
+            return Ok(());
+        };
+        let volumes = inner.volumes();
+        if volumes.is_empty() {
+            return Ok(());
+        }
+        let volume = volumes[self.rng.below(volumes.len() as u64) as usize].clone();
+        let block = self.rng.below(VOLUME_BLOCKS);
+        let (version, data) = self.checker.next_write(volume.id, block);
+        match inner.start_write(&volume, block * BLOCK_BYTES as u64, &data) {
+            Ok(pending) => {
+                self.checker.issued(volume.id, block, version);
+                self.report.writes_issued += 1;
+                self.note(format_args!(
+                    "node {} writes {} block {block} version {version} (lsn {:?})",
+                    index + 1,
+                    volume.name,
+                    pending.map(|p| p.lsn)
+                ));
+                self.in_flight.push(InFlight {
+                    node: self.nodes[index].id,
+                    incarnation: self.nodes[index].incarnation,
+                    volume,
+                    block,
+                    version,
+                    pending,
+                });
+            }
+            Err(Error::Log(nvlog::Error::WouldBlock { .. }))
+            | Err(Error::Interconnect(interconnect::Error::NoFreeSlots { .. })) => {
+                self.report.writes_busy += 1;
+            }
+            Err(error) => self.note(format_args!(
+                "node {} write to {} refused: {error}",
+                index + 1,
+                volume.name
+            )),
+        }
+        Ok(())
+    }
+
+    /// Acknowledge (or fail) one write whose wait would end now.
+    fn finish(&mut self) -> Result<(), String> {
+        if self.in_flight.is_empty() {
+            return Ok(());
+        }
+        let at = self.rng.below(self.in_flight.len() as u64) as usize;
+        let entry = &self.in_flight[at];
+        let index = (entry.node - 1) as usize;
+        let Some(inner) = self.live(index) else {
+            return Ok(());
+        };
+        let entry = &self.in_flight[at];
+        if self.nodes[index].incarnation != entry.incarnation {
+            self.in_flight.swap_remove(at);
+            return Ok(());
+        }
+        if !inner.mirror.settled(entry.pending.and_then(|p| p.posted)) {
+            return Ok(());
+        }
+        let entry = self.in_flight.swap_remove(at);
+        match inner.finish_write(&entry.volume, entry.pending, false) {
+            Ok(()) => {
+                self.checker
+                    .acked(entry.volume.id, entry.block, entry.version);
+                self.note(format_args!(
+                    "node {} acks {} block {} version {}",
+                    entry.node, entry.volume.name, entry.block, entry.version
+                ));
+            }
+            Err(error) => self.note(format_args!(
+                "node {} fails {} block {} version {}: {error}",
+                entry.node, entry.volume.name, entry.block, entry.version
+            )),
+        }
+        Ok(())
+    }
+
+    fn deliver(&mut self) -> Result<(), String> {
+        let index = self.pick_node();
+        let addr = self.nodes[index].config.interconnect.listen;
+        // One-sided writes land even while the receiving node is stalled.
+        self.net.deliver_next(addr);
+        Ok(())
+    }
+
+    fn tear(&mut self) -> Result<(), String> {
+        let index = self.pick_node();
+        let addr = self.nodes[index].config.interconnect.listen;
+        let keep = self.rng.below(4096);
+        if self.net.tear_next(addr, keep) {
+            self.report.torn_mirror_writes += 1;
+            self.note(format_args!(
+                "mirror write into node {} torn after {keep} bytes; session lost",
+                index + 1
+            ));
+        }
+        Ok(())
+    }
+
+    fn read(&mut self) -> Result<(), String> {
+        let index = self.pick_node();
+        let Some(inner) = self.live(index) else {
+            return Ok(());
+        };
+        let volumes = inner.volumes();
+        if volumes.is_empty() {
+            return Ok(());
+        }
+        let volume = volumes[self.rng.below(volumes.len() as u64) as usize].clone();
+        let block = self.rng.below(VOLUME_BLOCKS);
+        self.check_block(&inner, &volume, block)
+    }
+
+    fn check_block(
+        &mut self,
+        inner: &NodeInner,
+        volume: &Volume,
+        block: u64,
+    ) -> Result<(), String> {
+        let mut buf = vec![0u8; BLOCK_BYTES];
+        match inner.read(volume, block * BLOCK_BYTES as u64, &mut buf) {
+            Ok(()) => self
+                .checker
+                .check_read(volume.id, block, &buf)
+                .map_err(|why| format!("node {} served a bad read: {why}", inner.config.node_id)),
+            // A fenced or failing node refuses reads: nothing was served.
+            Err(_) => Ok(()),
+        }
+    }
+
+    /// Read every written block from whichever node serves it.
+    fn full_check(&mut self, why: &str) -> Result<(), String> {
+        self.report.full_checks += 1;
+        self.note(format_args!("full read-back {why}"));
+        for set in [1u32, 2] {
+            for index in 0..VOLUMES_PER_NODE {
+                let id = volume_id(set, index);
+                let server = (0..2).find_map(|node| {
+                    let inner = self.live(node)?;
+                    let volume = inner.volume_by_id(id)?;
+                    (!volume.fence.is_tripped()).then_some((inner, volume))
+                });
+                let Some((inner, volume)) = server else {
+                    continue;
+                };
+                for block in self.checker.written_blocks(id) {
+                    self.check_block(&inner, &volume, block)?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn checkpoint(&mut self) -> Result<(), String> {
+        let index = self.pick_node();
+        let Some(inner) = self.live(index) else {
+            return Ok(());
+        };
+        // A consistency point waits for its mirror posts and those before.
+        let timer_due = self.rng.chance(50);
+        let healthy = self.net.placing_during(|| inner.checkpoint_tick(timer_due));
+        self.report.checkpoints += 1;
+        self.note(format_args!(
+            "node {} consistency point (timer {timer_due}){}",
+            index + 1,
+            if healthy {
+                ""
+            } else {
+                ": failed, node stops accepting writes"
+            }
+        ));
+        Ok(())
+    }
+
+    fn connect(&mut self) -> Result<(), String> {
+        let index = self.pick_node();
+        let Some(inner) = self.live(index) else {
+            return Ok(());
+        };
+        if let Some(in_sync) = self
+            .net
+            .placing_during(|| inner.mirror.connect_once(&inner.log))
+        {
+            self.note(format_args!(
+                "node {} connects to its partner: {}",
+                index + 1,
+                if in_sync { "mirror in sync" } else { "failed" }
+            ));
+        }
+        Ok(())
+    }
+
+    fn monitor(&mut self) -> Result<(), String> {
+        let index = self.pick_node();
+        let Some(inner) = self.live(index) else {
+            return Ok(());
+        };
+        let holding_before = inner.ha.holding_partner();
+        let role_before = inner.ha.role();
+        // A giveback (or a return of our volumes) waits for mirror posts.
+        let ticked = if holding_before || role_before != crate::ha::Role::Serving {
+            self.net.placing_during(|| crate::ha::monitor_tick(&inner))
+        } else {
+            crate::ha::monitor_tick(&inner)
+        };
+        if let Err(error) = ticked {
+            self.note(format_args!("node {} monitor: {error}", index + 1));
+        }
+        let holding_after = inner.ha.holding_partner();
+        let role_after = inner.ha.role();
+        if holding_after && !holding_before {
+            self.report.takeovers += 1;
+            self.note(format_args!(
+                "node {} took over its partner's volumes",
+                index + 1
+            ));
+            self.full_check("after a takeover")?;
+        } else if holding_before && !holding_after {
+            self.report.givebacks += 1;
+            self.note(format_args!(
+                "node {} gave its partner's volumes back",
+                index + 1
+            ));
+        } else if role_before != role_after {
+            self.note(format_args!(
+                "node {} is now {}",
+                index + 1,
+                role_after.as_str()
+            ));
+            self.full_check("after a change of role")?;
+        }
+        Ok(())
+    }
+
+    fn replay(&mut self) -> Result<(), String> {
+        let index = self.pick_node();
+        let Some(inner) = self.live(index) else {
+            return Ok(());
+        };
+        match crate::ha::replay_step(&inner, 2 * BLOCK_BYTES as u64) {
+            Ok(true) => {}
+            Ok(false) => {}
+            Err(error) => self.note(format_args!("node {} replay: {error}", index + 1)),
+        }
+        Ok(())
+    }
+
+    fn crash_one(&mut self) -> Result<(), String> {
+        let index = self.pick_node();
+        if self.nodes[index].inner.is_none() {
+            return Ok(());
+        }
+        self.crash(index);
+        Ok(())
+    }
+
+    /// Kill node `index`: its NVRAM keeps what was persisted (the rest torn
+    /// at random), its unsynced volume writes survive in part, its sessions
+    /// die.
+    fn crash(&mut self, index: usize) {
+        let now = self.now_ms();
+        let node = &mut self.nodes[index];
+        let Some(inner) = node.inner.take() else {
+            return;
+        };
+        node.events = None;
+        // A process crash (kill -9, a panic) keeps everything written to the
+        // NVRAM mapping and the page cache. A power loss keeps only what was
+        // persisted, the rest torn at any byte, and part of the volume
+        // writes not yet synced. With durability = "mirror" a write is
+        // acknowledged before it is persisted locally; after a power loss
+        // of the node only the partner's mirror has it, so a restart before
+        // the partner takes over would serve a log that lacks it (a known
+        // limitation, see the README): power loss is simulated with
+        // durability = "persist" only.
+        let power_loss = self.durability == Durability::Persist && self.rng.chance(50);
+        let image = if power_loss {
+            node.region.crash_image(self.rng.next_u64())
+        } else {
+            node.region.snapshot(nvlog::Area {
+                offset: 0,
+                len: node.region.len(),
+            })
+        };
+        inner.mirror.stop();
+        drop(inner);
+        node.region = Arc::new(
+            Region::from_image(node.id, node.region.geometry(), &image)
+                .expect("a crash image has the region's geometry"),
+        );
+        let (own, partner) = (
+            node.config.interconnect.listen,
+            node.config.interconnect.partner,
+        );
+        self.net.unlisten(own);
+        self.net.cut_into(partner);
+        self.net.set_deaf(own, false);
+        node.stalled_until_ms = None;
+        let down_ms = 200 + self.rng.below(3000);
+        node.down_until_ms = Some(now + down_ms);
+        let id = node.id;
+        if power_loss {
+            let mut disk_rng = self.rng.fork();
+            self.shelf.crash(id, &mut disk_rng);
+            self.report.power_losses += 1;
+        }
+        self.in_flight.retain(|entry| entry.node != id);
+        self.report.crashes += 1;
+        self.note(format_args!(
+            "node {id} {}; down for {down_ms} ms",
+            if power_loss { "loses power" } else { "crashes" }
+        ));
+    }
+
+    fn stall_one(&mut self) -> Result<(), String> {
+        let index = self.pick_node();
+        let now = self.now_ms();
+        let node = &mut self.nodes[index];
+        if node.inner.is_none() || node.stalled_until_ms.is_some() {
+            return Ok(());
+        }
+        let stall_ms = 500 + self.rng.below(4000);
+        node.stalled_until_ms = Some(now + stall_ms);
+        node.stalled_since_ms = now;
+        node.stall_detected = false;
+        // A stopped process accepts no new session.
+        self.net.set_deaf(node.config.interconnect.listen, true);
+        self.report.stalls += 1;
+        self.note(format_args!("node {} stalls for {stall_ms} ms", index + 1));
+        Ok(())
+    }
+
+    fn partition_or_heal(&mut self) -> Result<(), String> {
+        if self.net.is_partitioned() {
+            self.net.heal();
+            self.note("partition heals");
+        } else {
+            self.net.partition();
+            self.report.partitions += 1;
+            self.note("interconnect partitioned");
+        }
+        Ok(())
+    }
+
+    fn disk_fault(&mut self) -> Result<(), String> {
+        let disks = self.shelf.disks();
+        if disks.is_empty() {
+            return Ok(());
+        }
+        let disk = &disks[self.rng.below(disks.len() as u64) as usize];
+        let sync = self.rng.chance(50);
+        if sync {
+            disk.fail_next_sync();
+        } else {
+            disk.fail_next_write();
+        }
+        self.report.disk_faults += 1;
+        self.note(format_args!(
+            "the next {} of {} fails",
+            if sync { "fsync" } else { "write" },
+            disk.path().display()
+        ));
+        Ok(())
+    }
+
+    /// An operator forces a takeover while the partner is down.
+    fn forced_takeover(&mut self) -> Result<(), String> {
+        let index = self.pick_node();
+        let partner = 1 - index;
+        let partner_down =
+            self.nodes[partner].inner.is_none() || self.nodes[partner].stalled_until_ms.is_some();
+        let Some(inner) = self.live(index) else {
+            return Ok(());
+        };
+        if !partner_down || inner.ha.holding_partner() {
+            return Ok(());
+        }
+        let partner_id = self.nodes[partner].id;
+        let in_sync = crate::mailbox::read(&inner.config.aggregate_dir, partner_id)
+            .ok()
+            .flatten()
+            .is_some_and(|mailbox| mailbox.mirror_in_sync);
+        match crate::ha::takeover(&inner, true, "operator: forced takeover in the simulation") {
+            Ok(message) => {
+                if !in_sync {
+                    let lost: Vec<u32> = (0..VOLUMES_PER_NODE)
+                        .map(|i| volume_id(partner_id, i))
+                        .collect();
+                    self.checker.forced_takeover(&lost);
+                }
+                self.report.takeovers += 1;
+                self.report.forced_takeovers += 1;
+                self.note(format_args!(
+                    "node {} forced takeover: {message}",
+                    index + 1
+                ));
+                self.full_check("after a forced takeover")?;
+            }
+            Err(error) => self.note(format_args!(
+                "node {} forced takeover refused: {error}",
+                index + 1
+            )),
+        }
+        Ok(())
+    }
+
+    fn collect_violations(&mut self) -> Result<(), String> {
+        match self.shelf.take_violations().first() {
+            Some(violation) => Err(format!("a stale owner wrote: {violation}")),
+            None => Ok(()),
+        }
+    }
+
+    /// The end of a run: faults stop, every node comes back, the pair
+    /// settles, and every block is read back.
+    fn settle_down(&mut self) -> Result<(), String> {
+        self.net.heal();
+        for index in 0..2 {
+            let node = &mut self.nodes[index];
+            node.stalled_until_ms = None;
+            self.net.set_deaf(node.config.interconnect.listen, false);
+            if node.inner.is_none() {
+                node.down_until_ms = None;
+                self.start_node(index)?;
+            }
+        }
+        for _ in 0..200 {
+            self.elapsed_ms.fetch_add(50, Ordering::AcqRel);
+            for index in 0..2 {
+                let Some(inner) = self.live(index) else {
+                    continue;
+                };
+                self.net.placing_during(|| {
+                    inner.mirror.connect_once(&inner.log);
+                    let _ = crate::ha::replay_step(&inner, 64 * BLOCK_BYTES as u64);
+                    let _ = crate::ha::monitor_tick(&inner);
+                    inner.checkpoint_tick(true);
+                });
+            }
+            self.finish_all();
+            self.collect_violations()?;
+        }
+        self.full_check("at the end")
+    }
+
+    fn finish_all(&mut self) {
+        let mut rest = Vec::new();
+        for entry in std::mem::take(&mut self.in_flight) {
+            let index = (entry.node - 1) as usize;
+            let inner = self.live(index);
+            match inner {
+                Some(inner) if self.nodes[index].incarnation == entry.incarnation => {
+                    if !inner.mirror.settled(entry.pending.and_then(|p| p.posted)) {
+                        rest.push(entry);
+                        continue;
+                    }
+                    if inner
+                        .finish_write(&entry.volume, entry.pending, false)
+                        .is_ok()
+                    {
+                        self.checker
+                            .acked(entry.volume.id, entry.block, entry.version);
+                    }
+                }
+                _ => {}
+            }
+        }
+        self.in_flight = rest;
+    }
+}
+
+/// The configuration of simulated node `id` under `root`.
+fn sim_config(root: &std::path::Path, id: u32, durability: &str) -> crate::Result<Config> {
+    let volumes: String = (0..VOLUMES_PER_NODE)
+        .map(|index| {
+            format!(
+                "[[volume]]\nname = \"n{id}v{index}\"\nsize = {}\n",
+                VOLUME_BLOCKS * BLOCK_BYTES as u64
+            )
+        })
+        .collect();
+    let text = format!(
+        "node_id = {id}\n\
+         durability = \"{durability}\"\n\
+         data_dir = \"{root}/node{id}\"\n\
+         aggregate_dir = \"{root}/aggregate\"\n\
+         [nvram]\nhalf_size = {HALF_BYTES}\n\
+         [nbd]\nlisten = \"127.0.0.1:{nbd}\"\n\
+         {volumes}\
+         [interconnect]\ntransport = \"tcp\"\nlisten = \"10.99.0.{id}:7000\"\npartner = \"10.99.0.{partner}:7000\"\n\
+         key = \"simulated pair key, never used on a network\"\n\
+         slots = 8\nheartbeat_interval_ms = 100\nheartbeat_timeout_ms = {HEARTBEAT_TIMEOUT_MS}\n\
+         [checkpoint]\ninterval_ms = 1000\nthreshold_percent = 50\n\
+         [ha]\nmailbox_interval_ms = 200\nmailbox_timeout_ms = {MAILBOX_TIMEOUT_MS}\nauto_takeover = true\nauto_giveback_delay_ms = 500\n",
+        root = root.display(),
+        nbd = 10808 + id,
+        partner = 3 - id,
+    );
+    Ok(Config::parse(&text)?)
+}

@@ -1,0 +1,183 @@
+//! The simulated interconnect: each node's receiver registered by its
+//! interconnect address, and in-process links (interconnect::inproc) from a
+//! sender's log straight into the receiver's mirror area. Writes are held
+//! until the simulation delivers them, in order; it can also tear one
+//! (a prefix lands, then the link dies), cut links, and partition the pair.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use crossbeam_channel::Sender;
+use interconnect::inproc::{self, Delivery, InProcConfig, InProcLink};
+use interconnect::{ControlEvent, SharedMemory, Transport};
+use parking_lot::Mutex;
+
+use crate::error::Result;
+
+#[derive(Debug, Default)]
+pub struct SimNet {
+    state: Mutex<NetState>,
+}
+
+#[derive(Debug, Default)]
+struct NetState {
+    /// Receivers by interconnect address: the mirror they write into.
+    receivers: BTreeMap<SocketAddr, SharedMemory>,
+    /// The live link into each receiver (a new session replaces the old).
+    links: BTreeMap<SocketAddr, InProcLink>,
+    partitioned: bool,
+    /// Receivers that accept no new session (their node is stalled).
+    deaf: std::collections::BTreeSet<SocketAddr>,
+    next_session: u64,
+}
+
+impl SimNet {
+    pub fn new() -> Arc<SimNet> {
+        Arc::new(SimNet::default())
+    }
+
+    /// A session from a sender's `local_log` into the receiver at
+    /// `partner`. Its writes are placed at once until [`SimNet::hold_writes`]
+    /// (so a resync completes inside the connector's step).
+    pub fn connect(
+        &self,
+        partner: SocketAddr,
+        local_log: SharedMemory,
+        events: Sender<ControlEvent>,
+    ) -> Result<Arc<dyn Transport>> {
+        let mut state = self.state.lock();
+        let Some(mirror) = state.receivers.get(&partner).cloned() else {
+            return Err(interconnect::Error::NotConnected.into());
+        };
+        if state.partitioned || state.deaf.contains(&partner) {
+            return Err(interconnect::Error::NotConnected.into());
+        }
+        state.next_session += 1;
+        let (transport, link) = inproc::link(
+            local_log,
+            mirror,
+            InProcConfig {
+                delivery: Delivery::Immediate,
+                session: state.next_session,
+                events: Some(events),
+                ..InProcConfig::default()
+            },
+        );
+        if let Some(old) = state.links.insert(partner, link) {
+            old.cut();
+        }
+        Ok(transport)
+    }
+
+    pub fn listen(&self, addr: SocketAddr, mirror: SharedMemory) {
+        self.state.lock().receivers.insert(addr, mirror);
+    }
+
+    /// The receiver at `addr` stops: its session is cut.
+    pub fn unlisten(&self, addr: SocketAddr) {
+        let mut state = self.state.lock();
+        state.receivers.remove(&addr);
+        if let Some(link) = state.links.remove(&addr) {
+            link.cut();
+        }
+    }
+
+    /// Cut the session into `addr` (its sender died, or the failure
+    /// detector gave up on it).
+    pub fn cut_into(&self, addr: SocketAddr) {
+        let link = self.state.lock().links.remove(&addr);
+        if let Some(link) = link {
+            link.cut();
+        }
+    }
+
+    /// Whether the receiver at `addr` refuses new sessions.
+    pub fn set_deaf(&self, addr: SocketAddr, deaf: bool) {
+        let mut state = self.state.lock();
+        if deaf {
+            state.deaf.insert(addr);
+        } else {
+            state.deaf.remove(&addr);
+        }
+    }
+
+    /// The session into `addr`, if one is up.
+    pub fn session_into(&self, addr: SocketAddr) -> Option<u64> {
+        let state = self.state.lock();
+        state
+            .links
+            .get(&addr)
+            .filter(|link| !link.is_cut())
+            .map(|link| link.session())
+    }
+
+    /// From now on, writes on every live link wait for `deliver_next`.
+    pub fn hold_writes(&self) {
+        for link in self.state.lock().links.values() {
+            link.set_delivery(Delivery::Manual);
+        }
+    }
+
+    /// Run a step that waits for its own mirror posts (a consistency
+    /// point, a giveback): everything held is placed first, and the step's
+    /// posts are placed as they are made, as the NIC would while the step's
+    /// thread waits. Writes are held again afterwards.
+    pub fn placing_during<R>(&self, step: impl FnOnce() -> R) -> R {
+        let links: Vec<InProcLink> = self.state.lock().links.values().cloned().collect();
+        for link in &links {
+            link.deliver_all();
+            link.set_delivery(Delivery::Immediate);
+        }
+        let result = step();
+        self.hold_writes();
+        result
+    }
+
+    /// Writes held on the link into `addr`.
+    pub fn pending(&self, addr: SocketAddr) -> usize {
+        self.state
+            .lock()
+            .links
+            .get(&addr)
+            .map_or(0, |l| l.pending())
+    }
+
+    /// Place the oldest held write into `addr`'s mirror.
+    pub fn deliver_next(&self, addr: SocketAddr) -> bool {
+        let link = self.state.lock().links.get(&addr).cloned();
+        link.is_some_and(|link| link.deliver_next())
+    }
+
+    /// Place every held write into `addr`'s mirror.
+    pub fn deliver_all(&self, addr: SocketAddr) -> usize {
+        let link = self.state.lock().links.get(&addr).cloned();
+        link.map_or(0, |link| link.deliver_all())
+    }
+
+    /// Tear the oldest held write into `addr`: `keep_bytes` of it land.
+    pub fn tear_next(&self, addr: SocketAddr, keep_bytes: u64) -> bool {
+        let link = self.state.lock().links.get(&addr).cloned();
+        link.is_some_and(|link| link.tear_next(keep_bytes))
+    }
+
+    /// Cut every link and refuse new ones until [`SimNet::heal`].
+    pub fn partition(&self) {
+        let links: Vec<InProcLink> = {
+            let mut state = self.state.lock();
+            state.partitioned = true;
+            std::mem::take(&mut state.links).into_values().collect()
+        };
+        for link in links {
+            link.cut();
+        }
+    }
+
+    pub fn heal(&self) {
+        self.state.lock().partitioned = false;
+    }
+
+    pub fn is_partitioned(&self) -> bool {
+        self.state.lock().partitioned
+    }
+}
