@@ -155,6 +155,8 @@ fn mailbox_state() -> MailboxState {
         ],
         half_bytes: 32 << 20,
         updated_unix_ms: 0,
+        boot: 1,
+        in_sync_with_boot: None,
     }
 }
 

@@ -4,10 +4,10 @@
 //! - a heartbeat: a sequence number the node raises every
 //!   `mailbox_interval_ms` (the partner watches it change, by its own clock,
 //!   so the two clocks never need to agree);
-//! - whether this node's log is mirrored in full ("in sync"). Before a node
-//!   acknowledges a write its partner's mirror may lack, the mailbox says
-//!   "out of sync", durably, so a takeover never trusts a mirror that lacks
-//!   acknowledged writes;
+//! - whether this node's log is mirrored in full ("in sync"), and in which
+//!   start (`boot`) of the partner. Before a node acknowledges a write its
+//!   partner's mirror may lack, the mailbox says "out of sync", durably, so
+//!   a takeover never trusts a mirror that lacks acknowledged writes;
 //! - what a takeover needs to serve this node's volumes: their names and
 //!   sizes, and the NBD address clients use.
 //!
@@ -55,6 +55,16 @@ pub struct MailboxState {
     /// Milliseconds since the Unix epoch of this update (for people; the
     /// partner judges liveness by `heartbeat_seq` alone).
     pub updated_unix_ms: u64,
+    /// Raised at every start of the node. The mirror it holds of its
+    /// partner's log is only as good as the start that received it: a
+    /// restart after a power loss may have lost mirrored bytes it had not
+    /// persisted.
+    #[serde(default)]
+    pub boot: u64,
+    /// With `mirror_in_sync`: the partner's `boot` whose mirror is in sync.
+    /// A takeover by a partner that has restarted since does not trust it.
+    #[serde(default)]
+    pub in_sync_with_boot: Option<u64>,
 }
 
 /// This node's own mailbox: the one writer of its file.
@@ -150,6 +160,8 @@ mod tests {
             }],
             half_bytes: 1 << 20,
             updated_unix_ms: 5,
+            boot: 1,
+            in_sync_with_boot: None,
         }
     }
 

@@ -18,7 +18,7 @@
 
 use std::net::SocketAddr;
 use std::ops::Range;
-use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -62,9 +62,27 @@ const RESYNC_TIMEOUT: Duration = Duration::from_secs(60);
 /// Header posts from a consistency point wait at most this long for a slot.
 const HEADER_POST_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// Where the partner's mailbox is: its `boot` is what the mirror's
+/// "in sync" is declared against.
+#[derive(Debug, Clone)]
+pub struct PartnerMailbox {
+    pub aggregate_dir: std::path::PathBuf,
+    pub node_id: u32,
+}
+
+impl PartnerMailbox {
+    fn boot(&self) -> Option<u64> {
+        crate::mailbox::read(&self.aggregate_dir, self.node_id)
+            .ok()
+            .flatten()
+            .map(|mailbox| mailbox.boot)
+    }
+}
+
 #[derive(Debug)]
 pub struct Mirror {
     partner: SocketAddr,
+    partner_mailbox: PartnerMailbox,
     /// How to dial the partner (TCP or RDMA).
     dialer: LinkConfig,
     slots: usize,
@@ -74,6 +92,12 @@ pub struct Mirror {
     queue: Mutex<Option<Arc<SendQueue>>>,
     /// A `Link`, changed to InSync or Resyncing only under the log's order lock.
     link: AtomicU8,
+    /// Resyncs completed: bumped with each declaration of InSync, under the
+    /// log's order lock. A record appended at generation g is in the
+    /// partner's mirror once the link is InSync at a generation above g,
+    /// even if its own post was lost with an earlier session (the resync
+    /// copied the whole log, that record included).
+    generation: AtomicU64,
     mailbox: Arc<Mailbox>,
     /// The mailbox durably says "out of sync".
     marked_out_of_sync: AtomicBool,
@@ -93,6 +117,7 @@ pub struct Mirror {
 impl Mirror {
     pub fn new(
         partner: SocketAddr,
+        partner_mailbox: PartnerMailbox,
         dialer: LinkConfig,
         slots: usize,
         local_log: SharedMemory,
@@ -103,6 +128,7 @@ impl Mirror {
         let log_len_bytes = local_log.len() as u64;
         Mirror {
             partner,
+            partner_mailbox,
             dialer,
             slots,
             local_log,
@@ -110,6 +136,7 @@ impl Mirror {
             events,
             queue: Mutex::new(None),
             link: AtomicU8::new(Link::Down as u8),
+            generation: AtomicU64::new(0),
             mailbox,
             marked_out_of_sync: AtomicBool::new(false),
             mark_lock: Mutex::new(()),
@@ -231,6 +258,18 @@ impl Mirror {
         }
     }
 
+    /// The resync generation; read in the modify phase (under the log's
+    /// order lock) and kept with the write.
+    pub fn generation(&self) -> u64 {
+        self.generation.load(Ordering::Acquire)
+    }
+
+    /// Whether a record appended at `generation` is in the partner's mirror
+    /// by way of a later resync, and the link is still in sync.
+    pub fn covers(&self, generation: u64) -> bool {
+        self.in_sync() && self.generation() > generation
+    }
+
     /// Whether a placed write may be acknowledged on the strength of the
     /// mirror alone: the mirror is complete.
     pub fn in_sync(&self) -> bool {
@@ -238,21 +277,26 @@ impl Mirror {
     }
 
     /// Before a write the mirror may lack is acknowledged: make sure the
-    /// mailbox durably says "out of sync". `placed` says whether the write
-    /// is in the mirror after all: if, under the lock that orders marking
-    /// against the resync's declaration, the mirror turns out to be in sync,
-    /// such a write is safe and nothing is marked (else a write that raced
-    /// the declaration would leave the mailbox out of sync for good).
-    pub fn mark_out_of_sync(&self, reason: &str, placed: bool) -> Result<()> {
+    /// mailbox durably says "out of sync". `placed` and `generation` (the
+    /// write's post was placed; the resync generation at its append) say
+    /// whether the write is in the mirror after all: if, under the lock that
+    /// orders marking against the resync's declaration, it turns out to be,
+    /// nothing is marked (else a write that raced a resync would leave the
+    /// mailbox out of sync, and automatic takeover refused, for good).
+    pub fn mark_out_of_sync(&self, reason: &str, placed: bool, generation: u64) -> Result<()> {
         if self.marked_out_of_sync.load(Ordering::Acquire) {
             return Ok(());
         }
         let _mark = self.mark_lock.lock();
-        if self.marked_out_of_sync.load(Ordering::Acquire) || (placed && self.in_sync()) {
+        if self.marked_out_of_sync.load(Ordering::Acquire)
+            || (placed && self.in_sync())
+            || self.covers(generation)
+        {
             return Ok(());
         }
         self.mailbox.update(|state| {
             state.mirror_in_sync = false;
+            state.in_sync_with_boot = None;
             state.out_of_sync_reason = Some(reason.to_owned());
         })?;
         self.marked_out_of_sync.store(true, Ordering::Release);
@@ -350,6 +394,9 @@ impl Mirror {
     fn connect_and_resync(&self, log: &nvlog::Log) -> Result<()> {
         let span = tracing::info_span!("resync", partner = %self.partner);
         let _entered = span.enter();
+        // Read before dialing: if the partner restarts after this, the
+        // session dies with it and nothing is declared.
+        let partner_boot = self.partner_mailbox.boot();
         let sender =
             self.dialer
                 .connect(self.partner, self.local_log.clone(), self.events.clone())?;
@@ -384,9 +431,11 @@ impl Mirror {
             let _mark = self.mark_lock.lock();
             self.mailbox.update(|state| {
                 state.mirror_in_sync = true;
+                state.in_sync_with_boot = partner_boot;
                 state.out_of_sync_reason = None;
             })?;
             self.marked_out_of_sync.store(false, Ordering::Release);
+            self.generation.fetch_add(1, Ordering::AcqRel);
             self.link.store(Link::InSync as u8, Ordering::Release);
             Ok(true)
         })?;

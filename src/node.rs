@@ -32,7 +32,7 @@ use crate::error::{Error, Result};
 use crate::extents::Source;
 use crate::ha::Ha;
 use crate::mailbox::{Mailbox, MailboxState, VolumeInfo, MAILBOX_FORMAT_VERSION};
-use crate::mirror::{Link, Mirror};
+use crate::mirror::{Link, Mirror, PartnerMailbox};
 use crate::sys::area_memory;
 use crate::transport::{LinkConfig, Receiver};
 use crate::volume::{Disks, Volume};
@@ -126,6 +126,8 @@ pub struct PendingWrite {
     pub lsn: u64,
     /// The mirror post of its last record, if it was mirrored.
     pub posted: Option<interconnect::WriteId>,
+    /// The mirror's resync generation when it was appended.
+    pub mirror_generation: u64,
 }
 
 /// A running node. Dropping it without [`Node::shutdown`] stops the threads
@@ -273,6 +275,10 @@ impl NodeInner {
     ) -> Result<(Arc<NodeInner>, EventReceiver<ControlEvent>)> {
         let (log, _recovery) = Log::open(region.clone())?;
         let (events_tx, events_rx) = crossbeam_channel::unbounded();
+        let boot = crate::mailbox::read(&config.aggregate_dir, config.node_id)
+            .ok()
+            .flatten()
+            .map_or(1, |previous| previous.boot + 1);
         let mailbox = Arc::new(Mailbox::new(
             &config.aggregate_dir,
             MailboxState {
@@ -295,10 +301,16 @@ impl NodeInner {
                     .collect(),
                 half_bytes: config.nvram.half_size.0,
                 updated_unix_ms: 0,
+                boot,
+                in_sync_with_boot: None,
             },
         ));
         let mirror = Mirror::new(
             config.interconnect.partner,
+            PartnerMailbox {
+                aggregate_dir: config.aggregate_dir.clone(),
+                node_id: config.partner_id(),
+            },
             link.clone(),
             config.interconnect.slots,
             area_memory(&region, region.local_log()),
@@ -500,38 +512,48 @@ impl NodeInner {
         };
         let mut mirror_reservation = self.mirror.reserve(log_reservation.len_bytes(), !stepped)?;
         let local_log = self.region.local_log().offset;
-        let (lsn, posted, closed) = self.log.append_then(log_reservation, &data, |appended| {
-            let payload_at =
-                local_log + appended.range.start + nvlog::record::RECORD_HEADER_BYTES as u64;
-            volume.extents.lock().insert(
-                data.offset,
-                data.extent_len,
-                appended.lsn,
-                source_of(data.kind, payload_at),
-            );
-            let posted = self.mirror.post(
-                mirror_reservation.as_mut(),
-                appended.header_range.clone(),
-                appended.range.clone(),
-            );
-            (appended.lsn, posted, appended.closed_half)
-        })?;
+        let (lsn, posted, closed, mirror_generation) =
+            self.log.append_then(log_reservation, &data, |appended| {
+                let payload_at =
+                    local_log + appended.range.start + nvlog::record::RECORD_HEADER_BYTES as u64;
+                volume.extents.lock().insert(
+                    data.offset,
+                    data.extent_len,
+                    appended.lsn,
+                    source_of(data.kind, payload_at),
+                );
+                let posted = self.mirror.post(
+                    mirror_reservation.as_mut(),
+                    appended.header_range.clone(),
+                    appended.range.clone(),
+                );
+                let generation = self.mirror.generation();
+                (appended.lsn, posted, appended.closed_half, generation)
+            })?;
         drop(gate);
         if closed.is_some() || self.over_threshold() {
             self.kick_checkpoint();
         }
-        Ok(PendingWrite { lsn, posted })
+        Ok(PendingWrite {
+            lsn,
+            posted,
+            mirror_generation,
+        })
     }
 
     /// The wait phase: acknowledge only once the record is safe in two
     /// failure domains, and only while this node still owns the volume.
     fn settle(&self, volume: &Volume, pending: PendingWrite, fua: bool) -> Result<()> {
-        let PendingWrite { lsn, posted } = pending;
+        let PendingWrite {
+            lsn,
+            posted,
+            mirror_generation,
+        } = pending;
         if self.runtime.injected_bug == Some(InjectedBug::AckBeforePlaced) {
             return Ok(());
         }
         let placed = self.mirror.placed(posted);
-        if placed && self.mirror.in_sync() {
+        if (placed && self.mirror.in_sync()) || self.mirror.covers(mirror_generation) {
             if fua || self.config.durability == Durability::Persist {
                 self.log.persist(lsn)?;
             }
@@ -545,6 +567,7 @@ impl NodeInner {
                 self.config.interconnect.partner
             ),
             placed,
+            mirror_generation,
         )?;
         self.log
             .persist(lsn)
@@ -570,12 +593,10 @@ impl NodeInner {
     /// Read `buf.len()` bytes at `offset`: the dirty map first, then the file.
     pub fn read(&self, volume: &Volume, offset: u64, buf: &mut [u8]) -> Result<()> {
         self.check_range(volume, offset, buf.len() as u64)?;
-        if volume.fence.is_tripped() {
-            return Err(Error::Fenced {
-                volumes_of: volume.set,
-                epoch: volume.fence.epoch(),
-            });
-        }
+        // The owner file, not only the flag: a node that was stopped while
+        // its partner took over must not serve what it had before (a stat
+        // of the owner file per read).
+        volume.fence.check()?;
         let end = offset + buf.len() as u64;
         let mut gaps = Vec::new();
         {
@@ -712,6 +733,19 @@ impl NodeInner {
     /// One consistency point: write the half's extents to the volume files,
     /// fdatasync, then free the half here and in the partner's mirror.
     fn checkpoint_half(&self, half: usize) -> Result<()> {
+        // Whoever asked (the consistency-point thread, recovery, a giveback,
+        // a shutdown), a consistency point that failed for another reason
+        // than a fence fails the node: its half stays half-written and is
+        // never freed nor retried in this life (a failed fsync may have
+        // dropped the data), and nothing may treat the log as flushed.
+        self.write_half(half).inspect_err(|error| {
+            if !matches!(error, Error::Fenced { .. }) {
+                self.fail(format!("consistency point failed: {error}"));
+            }
+        })
+    }
+
+    fn write_half(&self, half: usize) -> Result<()> {
         let started = Instant::now();
         let status = self.log.status().halves[half];
         let span = tracing::info_span!(
@@ -755,6 +789,14 @@ impl NodeInner {
             for volume in self.volumes() {
                 volume.extents.lock().remove_through(status.last_lsn);
             }
+        }
+        // The extents this consistency point skipped were replaced by newer
+        // records, maybe in the next half and not yet persisted: persist
+        // them before the half goes, or a crash would lose the newer record
+        // and, with the half, the older one (found by the simulation).
+        let newest = self.log.last_lsn();
+        if newest > 0 {
+            self.log.persist(newest)?;
         }
         // After a takeover, the index must forget mirror extents that writes
         // in this half replaced, before the half (and so those writes' only

@@ -422,6 +422,17 @@ pub fn takeover(inner: &Arc<NodeInner>, force: bool, reason: &str) -> Result<Str
             )));
         }
     }
+    // A node that was stopped while its partner took its volumes over must
+    // not take the partner's in turn (each would then own the other's).
+    let own_fence = inner.ha.state.lock().own_fence.clone();
+    if let Some(fence) = own_fence {
+        if fence.check().is_err() {
+            on_fenced(inner);
+            return Err(refused(
+                "this node's own volumes were taken over: it waits for giveback and cannot take over",
+            ));
+        }
+    }
     let aggregate = &inner.config.aggregate_dir;
     let theirs = ownership::read(aggregate, partner)?;
     let partner_mailbox = mailbox::read(aggregate, partner)?.ok_or_else(|| {
@@ -435,12 +446,23 @@ pub fn takeover(inner: &Arc<NodeInner>, force: bool, reason: &str) -> Result<Str
             partner_mailbox.half_bytes, inner.config.nvram.half_size.0
         )));
     }
+    let my_boot = inner.mailbox.current().boot;
     let out_of_sync = |mailbox: &MailboxState| {
-        (!mailbox.mirror_in_sync).then(|| {
-            format!(
+        if !mailbox.mirror_in_sync {
+            return Some(format!(
                 "node {partner}'s mirror is out of sync ({}): a takeover would lose writes it acknowledged; \
                  `nvmirror takeover --force` does it anyway",
                 mailbox.out_of_sync_reason.as_deref().unwrap_or("no reason given")
+            ));
+        }
+        // In sync with an earlier start of this node: a power loss since
+        // may have taken mirrored bytes that were not yet persisted here.
+        (mailbox.in_sync_with_boot != Some(my_boot)).then(|| {
+            format!(
+                "node {partner}'s mirror was last in sync with an earlier start of this node (boot {:?}, \
+                 now {my_boot}): it may lack writes node {partner} acknowledged; \
+                 `nvmirror takeover --force` does it anyway",
+                mailbox.in_sync_with_boot
             )
         })
     };
@@ -591,6 +613,12 @@ fn refused(reason: impl Into<String>) -> Error {
 
 /// Persist the index of the partner's volumes still to replay.
 fn save_index(inner: &NodeInner, partner: u32, epoch: u64, volumes: &[Arc<Volume>]) -> Result<()> {
+    // The index leaves out mirror extents that local writes replaced; those
+    // writes must be durable first, or a crash would lose both.
+    let newest = inner.log.last_lsn();
+    if newest > 0 {
+        inner.log.persist(newest)?;
+    }
     let entries = volumes
         .iter()
         .flat_map(|volume| {

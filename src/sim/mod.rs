@@ -70,7 +70,10 @@ const HALF_BYTES: u64 = 64 * 1024;
 const HEARTBEAT_TIMEOUT_MS: u64 = 1000;
 const MAILBOX_TIMEOUT_MS: u64 = 1000;
 /// Steps of the trace kept for a failure report.
-const TRACE_STEPS: usize = 80_000;
+const TRACE_STEPS: usize = 80;
+/// How long the simulated operator waits for an automatic takeover before
+/// forcing one.
+const OPERATOR_PATIENCE_MS: u64 = 3000;
 
 /// What to simulate.
 #[derive(Debug, Clone)]
@@ -210,6 +213,7 @@ struct SimNode {
     events: Option<Receiver<ControlEvent>>,
     /// Crashed: restarts at this simulated time.
     down_until_ms: Option<u64>,
+    down_since_ms: u64,
     /// Stalled (SIGSTOP): takes no step until this time.
     stalled_until_ms: Option<u64>,
     stalled_since_ms: u64,
@@ -286,6 +290,7 @@ impl World {
                 inner: None,
                 events: None,
                 down_until_ms: None,
+                down_since_ms: 0,
                 stalled_until_ms: None,
                 stalled_since_ms: 0,
                 stall_detected: false,
@@ -480,26 +485,28 @@ impl World {
     }
 
     fn one_step(&mut self) -> Result<(), String> {
-        let roll = self.rng.below(1000);
-        match roll {
+        // Per mille. Faults are rare enough that the pair spends most of
+        // its time in sync, so that most takeovers are automatic ones.
+        match self.rng.below(1000) {
             0..=299 => self.write(),
             300..=499 => self.finish(),
-            500..=679 => self.deliver(),
-            680..=749 => self.read(),
-            750..=799 => self.checkpoint(),
-            800..=839 => self.connect(),
-            840..=899 => self.monitor(),
-            900..=949 => {
+            500..=669 => self.deliver(),
+            670..=739 => self.read(),
+            740..=789 => self.checkpoint(),
+            790..=849 => self.connect(),
+            850..=909 => self.monitor(),
+            910..=959 => {
                 let ms = 20 + self.rng.below(300);
                 self.elapsed_ms.fetch_add(ms, Ordering::AcqRel);
                 Ok(())
             }
-            950..=969 => self.replay(),
-            970..=974 => self.crash_one(),
-            975..=979 => self.stall_one(),
-            980..=984 => self.partition_or_heal(),
-            985..=989 => self.disk_fault(),
-            990..=994 => self.tear(),
+            960..=986 => self.replay(),
+            987..=988 => self.crash_one(),
+            989 => self.stall_one(),
+            990 => self.partition(),
+            991..=994 => self.heal(),
+            995 => self.disk_fault(),
+            996..=997 => self.tear(),
             _ => self.forced_takeover(),
         }
     }
@@ -806,8 +813,9 @@ impl World {
         self.net.cut_into(partner);
         self.net.set_deaf(own, false);
         node.stalled_until_ms = None;
-        let down_ms = 200 + self.rng.below(3000);
+        let down_ms = 500 + self.rng.below(4500);
         node.down_until_ms = Some(now + down_ms);
+        node.down_since_ms = now;
         let id = node.id;
         if power_loss {
             let mut disk_rng = self.rng.fork();
@@ -840,14 +848,19 @@ impl World {
         Ok(())
     }
 
-    fn partition_or_heal(&mut self) -> Result<(), String> {
-        if self.net.is_partitioned() {
-            self.net.heal();
-            self.note("partition heals");
-        } else {
+    fn partition(&mut self) -> Result<(), String> {
+        if !self.net.is_partitioned() {
             self.net.partition();
             self.report.partitions += 1;
             self.note("interconnect partitioned");
+        }
+        Ok(())
+    }
+
+    fn heal(&mut self) -> Result<(), String> {
+        if self.net.is_partitioned() {
+            self.net.heal();
+            self.note("partition heals");
         }
         Ok(())
     }
@@ -877,8 +890,16 @@ impl World {
     fn forced_takeover(&mut self) -> Result<(), String> {
         let index = self.pick_node();
         let partner = 1 - index;
-        let partner_down =
-            self.nodes[partner].inner.is_none() || self.nodes[partner].stalled_until_ms.is_some();
+        // The operator waits for the automatic takeover first.
+        let now = self.now_ms();
+        let down_since = if self.nodes[partner].inner.is_none() {
+            self.nodes[partner].down_since_ms
+        } else if self.nodes[partner].stalled_until_ms.is_some() {
+            self.nodes[partner].stalled_since_ms
+        } else {
+            now
+        };
+        let partner_down = now - down_since >= OPERATOR_PATIENCE_MS;
         let Some(inner) = self.live(index) else {
             return Ok(());
         };
@@ -886,10 +907,12 @@ impl World {
             return Ok(());
         }
         let partner_id = self.nodes[partner].id;
+        // What the takeover trusts without force (see ha::takeover).
+        let my_boot = inner.mailbox.current().boot;
         let in_sync = crate::mailbox::read(&inner.config.aggregate_dir, partner_id)
             .ok()
             .flatten()
-            .is_some_and(|mailbox| mailbox.mirror_in_sync);
+            .is_some_and(|m| m.mirror_in_sync && m.in_sync_with_boot == Some(my_boot));
         match crate::ha::takeover(&inner, true, "operator: forced takeover in the simulation") {
             Ok(message) => {
                 if !in_sync {
