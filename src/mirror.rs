@@ -62,15 +62,16 @@ const RESYNC_TIMEOUT: Duration = Duration::from_secs(60);
 /// Header posts from a consistency point wait at most this long for a slot.
 const HEADER_POST_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// Where the partner's mailbox is: its `boot` is what the mirror's
-/// "in sync" is declared against.
+/// The partner: where to dial it, and where its mailbox is (its `boot` is
+/// what the mirror's "in sync" is declared against).
 #[derive(Debug, Clone)]
-pub struct PartnerMailbox {
+pub struct Partner {
+    pub addr: SocketAddr,
     pub aggregate_dir: std::path::PathBuf,
     pub node_id: u32,
 }
 
-impl PartnerMailbox {
+impl Partner {
     fn boot(&self) -> Option<u64> {
         crate::mailbox::read(&self.aggregate_dir, self.node_id)
             .ok()
@@ -81,8 +82,7 @@ impl PartnerMailbox {
 
 #[derive(Debug)]
 pub struct Mirror {
-    partner: SocketAddr,
-    partner_mailbox: PartnerMailbox,
+    partner: Partner,
     /// How to dial the partner (TCP or RDMA).
     dialer: LinkConfig,
     slots: usize,
@@ -116,8 +116,7 @@ pub struct Mirror {
 
 impl Mirror {
     pub fn new(
-        partner: SocketAddr,
-        partner_mailbox: PartnerMailbox,
+        partner: Partner,
         dialer: LinkConfig,
         slots: usize,
         local_log: SharedMemory,
@@ -128,7 +127,6 @@ impl Mirror {
         let log_len_bytes = local_log.len() as u64;
         Mirror {
             partner,
-            partner_mailbox,
             dialer,
             slots,
             local_log,
@@ -331,7 +329,7 @@ impl Mirror {
     pub fn link_down(&self, why: &str) {
         let previous = Link::from_u8(self.link.swap(Link::Down as u8, Ordering::AcqRel));
         if previous != Link::Down {
-            tracing::warn!(partner = %self.partner, why, "mirror link down");
+            tracing::warn!(partner = %self.partner.addr, why, "mirror link down");
         }
         self.wake_connector();
     }
@@ -384,7 +382,7 @@ impl Mirror {
         match self.connect_and_resync(log) {
             Ok(()) => Some(true),
             Err(error) => {
-                tracing::debug!(partner = %self.partner, %error, "cannot mirror to the partner yet");
+                tracing::debug!(partner = %self.partner.addr, %error, "cannot mirror to the partner yet");
                 self.link_down("connect or resync failed");
                 Some(false)
             }
@@ -392,14 +390,16 @@ impl Mirror {
     }
 
     fn connect_and_resync(&self, log: &nvlog::Log) -> Result<()> {
-        let span = tracing::info_span!("resync", partner = %self.partner);
+        let span = tracing::info_span!("resync", partner = %self.partner.addr);
         let _entered = span.enter();
         // Read before dialing: if the partner restarts after this, the
         // session dies with it and nothing is declared.
-        let partner_boot = self.partner_mailbox.boot();
-        let sender =
-            self.dialer
-                .connect(self.partner, self.local_log.clone(), self.events.clone())?;
+        let partner_boot = self.partner.boot();
+        let sender = self.dialer.connect(
+            self.partner.addr,
+            self.local_log.clone(),
+            self.events.clone(),
+        )?;
         let queue = {
             let mut current = self.queue.lock();
             match current.as_ref() {

@@ -32,7 +32,7 @@ use crate::error::{Error, Result};
 use crate::extents::Source;
 use crate::ha::Ha;
 use crate::mailbox::{Mailbox, MailboxState, VolumeInfo, MAILBOX_FORMAT_VERSION};
-use crate::mirror::{Link, Mirror, PartnerMailbox};
+use crate::mirror::{Link, Mirror, Partner};
 use crate::sys::area_memory;
 use crate::transport::{LinkConfig, Receiver};
 use crate::volume::{Disks, Volume};
@@ -306,8 +306,8 @@ impl NodeInner {
             },
         ));
         let mirror = Mirror::new(
-            config.interconnect.partner,
-            PartnerMailbox {
+            Partner {
+                addr: config.interconnect.partner,
                 aggregate_dir: config.aggregate_dir.clone(),
                 node_id: config.partner_id(),
             },

@@ -197,7 +197,7 @@ pub fn run(options: &SimOptions) -> Result<SimReport, Box<SimFailure>> {
         Box::new(SimFailure {
             options: options.clone(),
             step: world.step,
-            violation,
+            violation: violation.replace(&world.dir_prefix, ""),
             trace: world.trace.iter().cloned().collect(),
             report,
         })
@@ -239,6 +239,8 @@ struct World {
     /// Chosen by the seed: whether writes wait for local persistence.
     durability: Durability,
     _dir: tempfile::TempDir,
+    /// The directory's path and a slash, cut from what the trace says.
+    dir_prefix: String,
     elapsed_ms: Arc<AtomicU64>,
     clock: Clock,
     net: Arc<SimNet>,
@@ -301,6 +303,7 @@ impl World {
             options: options.clone(),
             rng,
             durability,
+            dir_prefix: format!("{}/", dir.path().display()),
             _dir: dir,
             elapsed_ms,
             clock,
@@ -345,6 +348,8 @@ impl World {
         if self.trace.len() == TRACE_STEPS {
             self.trace.pop_front();
         }
+        // Without the throw-away directory's name, a replay prints the same.
+        let what = what.to_string().replace(&self.dir_prefix, "");
         let line = format!("step {} t={}ms {what}", self.step, self.now_ms());
         self.trace.push_back(line);
     }
