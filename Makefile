@@ -5,13 +5,15 @@
 #                an interconnect cut), takeover, verification, giveback, and
 #                the takeover timings with the log 1/50/100 % full; a report.
 #   make test    everything CI runs: unit, property, concurrency and
-#                integration tests, the loom model, fuzz smoke runs, the
+#                integration tests, the deterministic simulation of the
+#                pair (150 seeds), the loom model, fuzz smoke runs, the
 #                benchmarks in quick mode, and the Soft-RoCE tier (in one
 #                throw-away qemu guest where the host has no RDMA).
 #                Installs what it needs first.
 #
 # Other targets: deps, lint, bench (full-length benchmarks), fuzz (longer
-# fuzz runs: make fuzz FUZZ_SECONDS=600).
+# fuzz runs: make fuzz FUZZ_SECONDS=600), sim-soak (the simulation, seed
+# after seed, until stopped).
 
 SHELL := /bin/bash
 .SHELLFLAGS := -euo pipefail -c
@@ -31,7 +33,7 @@ FUZZ_CRATES := $(if $(wildcard fuzz/Cargo.toml),.) $(patsubst %/fuzz/Cargo.toml,
 
 DRILL_CYCLES ?= 6
 
-.PHONY: drill test deps lint unit loom fuzz-smoke fuzz bench-smoke bench rdma
+.PHONY: drill test deps lint unit loom fuzz-smoke fuzz bench-smoke bench rdma sim-soak
 
 drill: deps
 	$(CARGO) build --release --locked -p nvmirror
@@ -86,6 +88,11 @@ fuzz-smoke:
 			tail -n 6 $$log; rm -rf $$scratch $$log; \
 		done; \
 	done
+
+## sim-soak: the deterministic simulation, seed after seed from a random
+## first one, until stopped (a failing seed prints its replay command).
+sim-soak:
+	$(CARGO) run --release --locked -p nvmirror -- sim --soak
 
 ## fuzz: longer runs from a fresh random seed (printed, so a find replays):
 ## make fuzz FUZZ_SECONDS=600
