@@ -18,20 +18,17 @@
 //! throw-away directory (written atomically, so a crash between steps
 //! leaves the old or the new one).
 //!
-//! The faults: node crashes, torn mirror writes, partitions that heal, a
-//! node stalled past the failure detector (it wakes up fenced), failing
-//! volume writes and fsyncs, a full log (small halves), and now and then an
-//! operator forcing a takeover of an out-of-sync mirror. The [`Checker`]
-//! says what every read may return; the shelf catches a stale owner
-//! writing. A violation stops the run with the trace of its last steps and
-//! the command that replays it.
+//! The faults: process crashes and power losses, torn mirror writes,
+//! partitions that heal, heartbeats lost or late (the sessions' failure
+//! detectors are the interconnect's own), a node stalled past the failure
+//! detector (it wakes up fenced), failing volume writes and fsyncs, a full
+//! log (small halves), and now and then an operator forcing a takeover.
+//! The [`Checker`] says what every read may return; the shelf catches a
+//! stale owner writing. A violation stops the run with the trace of its
+//! last steps and the command that replays it.
 //!
-//! Not simulated (yet): the interconnect's own heartbeats and control
-//! messages (the in-process link has none; the failure detector's verdict
-//! is applied by cutting a stalled node's sessions once its timeout has
-//! passed), and interleavings inside one step (each step is atomic: two
-//! writers never race inside the write path here; the stress and loom
-//! tests cover that).
+//! Each step is atomic: two writers never race inside the write path here
+//! (the stress and loom tests cover that).
 
 mod checker;
 mod disk;
@@ -67,6 +64,7 @@ const VOLUMES_PER_NODE: usize = 2;
 /// Log halves of the minimum size: about 15 block writes fill one, so the
 /// log is often full and consistency points run all the time.
 const HALF_BYTES: u64 = 64 * 1024;
+const HEARTBEAT_INTERVAL_MS: u64 = 100;
 const HEARTBEAT_TIMEOUT_MS: u64 = 1000;
 const MAILBOX_TIMEOUT_MS: u64 = 1000;
 /// Steps of the trace kept for a failure report.
@@ -116,6 +114,10 @@ pub struct SimReport {
     pub stalls: u64,
     pub partitions: u64,
     pub torn_mirror_writes: u64,
+    pub heartbeats_lost: u64,
+    pub heartbeats_delayed: u64,
+    /// Sessions cut by a failure detector.
+    pub silence_cuts: u64,
     pub disk_faults: u64,
     pub takeovers: u64,
     pub forced_takeovers: u64,
@@ -129,7 +131,8 @@ impl fmt::Display for SimReport {
             f,
             "seed {} (durability {}): {} steps, {} ms simulated; writes {} issued, {} acknowledged, {} retried \
              (log or slots full); {} reads checked, {} full read-backs; {} consistency points; \
-             faults: {} crashes ({} power losses), {} stalls, {} partitions, {} torn mirror writes, {} disk errors; \
+             faults: {} crashes ({} power losses), {} stalls, {} partitions, {} torn mirror writes, \
+             {} heartbeats lost and {} late ({} sessions cut as silent), {} disk errors; \
              {} takeovers ({} forced), {} givebacks",
             self.seed,
             self.durability,
@@ -146,6 +149,9 @@ impl fmt::Display for SimReport {
             self.stalls,
             self.partitions,
             self.torn_mirror_writes,
+            self.heartbeats_lost,
+            self.heartbeats_delayed,
+            self.silence_cuts,
             self.disk_faults,
             self.takeovers,
             self.forced_takeovers,
@@ -217,8 +223,8 @@ struct SimNode {
     /// Stalled (SIGSTOP): takes no step until this time.
     stalled_until_ms: Option<u64>,
     stalled_since_ms: u64,
-    /// Its sessions were cut by the failure detector during this stall.
-    stall_detected: bool,
+    /// When it last sent interconnect heartbeats.
+    heartbeat_at_ms: u64,
     /// Counts restarts, so writes of an earlier life are not finished.
     incarnation: u64,
 }
@@ -248,6 +254,8 @@ struct World {
     nodes: [SimNode; 2],
     checker: Checker,
     in_flight: Vec<InFlight>,
+    /// Heartbeats sent before this time are lost.
+    heartbeats_lost_until_ms: u64,
     report: SimReport,
     trace: VecDeque<String>,
     step: u64,
@@ -269,7 +277,10 @@ impl World {
                 source,
             })?;
         let (clock, elapsed_ms) = Clock::simulated();
-        let net = SimNet::new();
+        let net = SimNet::new(
+            clock.clone(),
+            std::time::Duration::from_millis(HEARTBEAT_TIMEOUT_MS),
+        );
         let shelf = Shelf::new(&dir.path().join("aggregate"));
         let geometry = Geometry::new(HALF_BYTES)?;
         let mut rng = SplitMix64::new(options.seed);
@@ -295,7 +306,7 @@ impl World {
                 down_since_ms: 0,
                 stalled_until_ms: None,
                 stalled_since_ms: 0,
-                stall_detected: false,
+                heartbeat_at_ms: 0,
                 incarnation: 0,
             }
         });
@@ -312,6 +323,7 @@ impl World {
             nodes,
             checker: Checker::default(),
             in_flight: Vec::new(),
+            heartbeats_lost_until_ms: 0,
             report: SimReport {
                 seed: options.seed,
                 ..SimReport::default()
@@ -367,7 +379,7 @@ impl World {
     }
 
     /// Restart crashed nodes and wake stalled ones whose time has come;
-    /// apply the failure detector's verdict on long stalls.
+    /// heartbeats and the failure detectors' verdicts.
     fn wake_nodes(&mut self) -> Result<(), String> {
         let now = self.now_ms();
         for index in 0..2 {
@@ -379,24 +391,6 @@ impl World {
                 self.start_node(index)?;
                 self.full_check("after a restart")?;
             }
-            let node = &self.nodes[index];
-            if node.stalled_until_ms.is_some()
-                && !node.stall_detected
-                && now - node.stalled_since_ms >= HEARTBEAT_TIMEOUT_MS
-            {
-                // The partner's failure detector: a silent session is cut.
-                let (own, partner) = (
-                    node.config.interconnect.listen,
-                    node.config.interconnect.partner,
-                );
-                self.nodes[index].stall_detected = true;
-                self.net.cut_into(own);
-                self.net.cut_into(partner);
-                self.note(format_args!(
-                    "node {} silent past the heartbeat timeout: sessions cut",
-                    index + 1
-                ));
-            }
             if self.nodes[index]
                 .stalled_until_ms
                 .is_some_and(|until| now >= until)
@@ -407,6 +401,7 @@ impl World {
                 self.note(format_args!("node {} wakes up", index + 1));
             }
         }
+        self.heartbeats();
         // An operator restarts a node that stopped accepting writes.
         for index in 0..2 {
             let failed = self.live(index).and_then(|inner| inner.failure());
@@ -421,6 +416,51 @@ impl World {
             }
         }
         Ok(())
+    }
+
+    /// Live nodes send interconnect heartbeats every interval: most arrive
+    /// within milliseconds, some late, a few never. Sessions whose partner
+    /// is silent past the timeout (a stalled or crashed node, or enough
+    /// lost heartbeats) are cut by the failure detectors.
+    fn heartbeats(&mut self) {
+        let now = self.now_ms();
+        for index in 0..2 {
+            let node = &self.nodes[index];
+            if node.inner.is_none()
+                || node.stalled_until_ms.is_some()
+                || now - node.heartbeat_at_ms < HEARTBEAT_INTERVAL_MS
+            {
+                continue;
+            }
+            let (own, partner) = (
+                node.config.interconnect.listen,
+                node.config.interconnect.partner,
+            );
+            self.nodes[index].heartbeat_at_ms = now;
+            let rng = &mut self.rng;
+            let report = &mut self.report;
+            let lossy = now < self.heartbeats_lost_until_ms;
+            self.net
+                .send_heartbeats(own, partner, now, || match rng.below(100) {
+                    _ if lossy => {
+                        report.heartbeats_lost += 1;
+                        None
+                    }
+                    0..=2 => {
+                        report.heartbeats_lost += 1;
+                        None
+                    }
+                    3..=9 => {
+                        report.heartbeats_delayed += 1;
+                        Some(HEARTBEAT_INTERVAL_MS + rng.below(HEARTBEAT_TIMEOUT_MS))
+                    }
+                    _ => Some(rng.below(5)),
+                });
+        }
+        for cut in self.net.check_silence(now) {
+            self.report.silence_cuts += 1;
+            self.note(cut);
+        }
     }
 
     /// Boot node `index` on its NVRAM (a crash image after a crash).
@@ -511,7 +551,8 @@ impl World {
             990 => self.partition(),
             991..=994 => self.heal(),
             995 => self.disk_fault(),
-            996..=997 => self.tear(),
+            996 => self.tear(),
+            997 => self.lose_heartbeats(),
             _ => self.forced_takeover(),
         }
     }
@@ -602,6 +643,15 @@ impl World {
         let addr = self.nodes[index].config.interconnect.listen;
         // One-sided writes land even while the receiving node is stalled.
         self.net.deliver_next(addr);
+        Ok(())
+    }
+
+    /// Every heartbeat is lost for a while, though both nodes and their
+    /// sessions are fine: the failure detectors may cut live sessions.
+    fn lose_heartbeats(&mut self) -> Result<(), String> {
+        let ms = 300 + self.rng.below(2000);
+        self.heartbeats_lost_until_ms = self.now_ms() + ms;
+        self.note(format_args!("heartbeats are lost for {ms} ms"));
         Ok(())
     }
 
@@ -845,7 +895,6 @@ impl World {
         let stall_ms = 500 + self.rng.below(4000);
         node.stalled_until_ms = Some(now + stall_ms);
         node.stalled_since_ms = now;
-        node.stall_detected = false;
         // A stopped process accepts no new session.
         self.net.set_deaf(node.config.interconnect.listen, true);
         self.report.stalls += 1;
@@ -1027,7 +1076,7 @@ fn sim_config(root: &std::path::Path, id: u32, durability: &str) -> crate::Resul
          {volumes}\
          [interconnect]\ntransport = \"tcp\"\nlisten = \"10.99.0.{id}:7000\"\npartner = \"10.99.0.{partner}:7000\"\n\
          key = \"simulated pair key, never used on a network\"\n\
-         slots = 8\nheartbeat_interval_ms = 100\nheartbeat_timeout_ms = {HEARTBEAT_TIMEOUT_MS}\n\
+         slots = 8\nheartbeat_interval_ms = {HEARTBEAT_INTERVAL_MS}\nheartbeat_timeout_ms = {HEARTBEAT_TIMEOUT_MS}\n\
          [checkpoint]\ninterval_ms = 1000\nthreshold_percent = 50\n\
          [ha]\nmailbox_interval_ms = 200\nmailbox_timeout_ms = {MAILBOX_TIMEOUT_MS}\nauto_takeover = true\nauto_giveback_delay_ms = 500\n",
         root = root.display(),

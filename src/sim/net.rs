@@ -3,6 +3,11 @@
 //! sender's log straight into the receiver's mirror area. Writes are held
 //! until the simulation delivers them, in order; it can also tear one
 //! (a prefix lands, then the link dies), cut links, and partition the pair.
+//!
+//! Each session carries heartbeats both ways, which the simulation sends,
+//! delays or loses; each end watches the other with the interconnect's own
+//! [`FailureDetector`], and a session whose partner falls silent past the
+//! timeout is cut, as the TCP and RDMA transports do.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -10,14 +15,38 @@ use std::sync::Arc;
 
 use crossbeam_channel::Sender;
 use interconnect::inproc::{self, Delivery, InProcConfig, InProcLink};
-use interconnect::{ControlEvent, SharedMemory, Transport};
+use interconnect::{ControlEvent, FailureDetector, SharedMemory, Transport};
 use parking_lot::Mutex;
 
+use crate::clock::Clock;
 use crate::error::Result;
 
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct SimNet {
+    clock: Clock,
+    heartbeat_timeout: std::time::Duration,
     state: Mutex<NetState>,
+}
+
+/// The two failure detectors of one session.
+#[derive(Debug)]
+struct Watch {
+    session: u64,
+    /// The receiver's, hearing the sender.
+    receiver_hears: FailureDetector,
+    /// The sender's, hearing the receiver.
+    sender_hears: FailureDetector,
+}
+
+/// A heartbeat on its way.
+#[derive(Debug)]
+struct Heartbeat {
+    due_ms: u64,
+    /// The session's receiver address, and the session.
+    into: SocketAddr,
+    session: u64,
+    /// Sent by the receiver (heard by the sender) or by the sender.
+    from_receiver: bool,
 }
 
 #[derive(Debug, Default)]
@@ -30,11 +59,17 @@ struct NetState {
     /// Receivers that accept no new session (their node is stalled).
     deaf: std::collections::BTreeSet<SocketAddr>,
     next_session: u64,
+    watches: BTreeMap<SocketAddr, Watch>,
+    heartbeats: Vec<Heartbeat>,
 }
 
 impl SimNet {
-    pub fn new() -> Arc<SimNet> {
-        Arc::new(SimNet::default())
+    pub fn new(clock: Clock, heartbeat_timeout: std::time::Duration) -> Arc<SimNet> {
+        Arc::new(SimNet {
+            clock,
+            heartbeat_timeout,
+            state: Mutex::new(NetState::default()),
+        })
     }
 
     /// A session from a sender's `local_log` into the receiver at
@@ -67,6 +102,16 @@ impl SimNet {
         if let Some(old) = state.links.insert(partner, link) {
             old.cut();
         }
+        let now = self.clock.now();
+        let session = state.next_session;
+        state.watches.insert(
+            partner,
+            Watch {
+                session,
+                receiver_hears: FailureDetector::new(self.heartbeat_timeout, now),
+                sender_hears: FailureDetector::new(self.heartbeat_timeout, now),
+            },
+        );
         Ok(transport)
     }
 
@@ -110,6 +155,76 @@ impl SimNet {
             .get(&addr)
             .filter(|link| !link.is_cut())
             .map(|link| link.session())
+    }
+
+    /// Node with receiver `own` and partner `partner` sends a heartbeat on
+    /// each of its sessions: as the sender of the session into `partner`,
+    /// as the receiver of the session into `own`. `delay_ms` says when each
+    /// arrives (`None`: lost).
+    pub fn send_heartbeats(
+        &self,
+        own: SocketAddr,
+        partner: SocketAddr,
+        now_ms: u64,
+        mut delay_ms: impl FnMut() -> Option<u64>,
+    ) {
+        let mut state = self.state.lock();
+        for (into, from_receiver) in [(partner, false), (own, true)] {
+            let Some(session) = state.watches.get(&into).map(|w| w.session) else {
+                continue;
+            };
+            if let Some(delay) = delay_ms() {
+                state.heartbeats.push(Heartbeat {
+                    due_ms: now_ms + delay,
+                    into,
+                    session,
+                    from_receiver,
+                });
+            }
+        }
+    }
+
+    /// Deliver the heartbeats due at `now_ms`, then cut every session whose
+    /// partner has been silent past the timeout. Returns what was cut.
+    pub fn check_silence(&self, now_ms: u64) -> Vec<String> {
+        let now = self.clock.now();
+        let mut cut = Vec::new();
+        let mut state = self.state.lock();
+        let state = &mut *state;
+        let (due, later): (Vec<_>, Vec<_>) = std::mem::take(&mut state.heartbeats)
+            .into_iter()
+            .partition(|heartbeat| heartbeat.due_ms <= now_ms);
+        state.heartbeats = later;
+        for heartbeat in due {
+            if let Some(watch) = state.watches.get_mut(&heartbeat.into) {
+                if watch.session == heartbeat.session {
+                    if heartbeat.from_receiver {
+                        watch.sender_hears.heard(now);
+                    } else {
+                        watch.receiver_hears.heard(now);
+                    }
+                }
+            }
+        }
+        let silent: Vec<SocketAddr> = state
+            .watches
+            .iter_mut()
+            .filter_map(|(addr, watch)| {
+                let receiver = watch.receiver_hears.check(now);
+                let sender = watch.sender_hears.check(now);
+                (receiver.is_some() || sender.is_some()).then_some(*addr)
+            })
+            .collect();
+        for addr in silent {
+            state.watches.remove(&addr);
+            if let Some(link) = state.links.remove(&addr) {
+                link.cut();
+                cut.push(format!(
+                    "session into {addr} silent past the heartbeat timeout: cut"
+                ));
+            }
+        }
+        cut
     }
 
     /// From now on, writes on every live link wait for `deliver_next`.
