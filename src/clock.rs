@@ -1,8 +1,9 @@
 //! Where the node's decisions read the time: the machine's clock, or the
 //! simulation's, which moves only when the simulation advances it.
 //!
-//! Only timing that changes what the node does goes through here (failure
-//! detection, interconnect cuts); latencies for metrics use `Instant`.
+//! The HA monitor's failure detection and interconnect cuts read it; the
+//! simulation steps consistency points itself (the thread's timer uses
+//! `Instant`), and latencies for metrics and status use `Instant` too.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;

@@ -92,12 +92,15 @@ pub struct Mirror {
     queue: Mutex<Option<Arc<SendQueue>>>,
     /// A `Link`, changed to InSync or Resyncing only under the log's order lock.
     link: AtomicU8,
-    /// Resyncs completed: bumped with each declaration of InSync, under the
-    /// log's order lock. A record appended at generation g is in the
-    /// partner's mirror once the link is InSync at a generation above g,
-    /// even if its own post was lost with an earlier session (the resync
-    /// copied the whole log, that record included).
-    generation: AtomicU64,
+    /// Resyncs started: bumped when the link enters Resyncing, under the
+    /// log's order lock. A write stamps it at its append (its generation).
+    resync_starts: AtomicU64,
+    /// The start stamp of the resync last declared in sync. A record whose
+    /// generation is below it was in the log before that resync began, so
+    /// the resync's copy (all placed before the declaration) carried it,
+    /// even if its own post was lost with an earlier session. A record
+    /// appended during the resync is in the mirror only if its own post is.
+    covered_below: AtomicU64,
     mailbox: Arc<Mailbox>,
     /// The mailbox durably says "out of sync".
     marked_out_of_sync: AtomicBool,
@@ -134,7 +137,8 @@ impl Mirror {
             events,
             queue: Mutex::new(None),
             link: AtomicU8::new(Link::Down as u8),
-            generation: AtomicU64::new(0),
+            resync_starts: AtomicU64::new(0),
+            covered_below: AtomicU64::new(0),
             mailbox,
             marked_out_of_sync: AtomicBool::new(false),
             mark_lock: Mutex::new(()),
@@ -259,13 +263,13 @@ impl Mirror {
     /// The resync generation; read in the modify phase (under the log's
     /// order lock) and kept with the write.
     pub fn generation(&self) -> u64 {
-        self.generation.load(Ordering::Acquire)
+        self.resync_starts.load(Ordering::Acquire)
     }
 
     /// Whether a record appended at `generation` is in the partner's mirror
-    /// by way of a later resync, and the link is still in sync.
+    /// by way of a resync that began after it, declared in sync.
     pub fn covers(&self, generation: u64) -> bool {
-        self.in_sync() && self.generation() > generation
+        self.in_sync() && generation < self.covered_below.load(Ordering::Acquire)
     }
 
     /// Whether a placed write may be acknowledged on the strength of the
@@ -414,7 +418,10 @@ impl Mirror {
                 }
             }
         };
-        log.with_order_lock(|| self.link.store(Link::Resyncing as u8, Ordering::Release));
+        let start = log.with_order_lock(|| {
+            self.link.store(Link::Resyncing as u8, Ordering::Release);
+            self.resync_starts.fetch_add(1, Ordering::AcqRel) + 1
+        });
         let chunk = u64::from(queue.limits().max_write_len_bytes);
         let mut offset = 0;
         while offset < self.log_len_bytes {
@@ -435,7 +442,7 @@ impl Mirror {
                 state.out_of_sync_reason = None;
             })?;
             self.marked_out_of_sync.store(false, Ordering::Release);
-            self.generation.fetch_add(1, Ordering::AcqRel);
+            self.covered_below.store(start, Ordering::Release);
             self.link.store(Link::InSync as u8, Ordering::Release);
             Ok(true)
         })?;

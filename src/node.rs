@@ -107,6 +107,10 @@ pub struct NodeInner {
     pub write_latency_us: crate::admin::Histogram,
     pub ha: Ha,
     cp_signal: Mutex<CpSignal>,
+    /// One consistency point at a time: the thread's, or one a giveback, a
+    /// recovery or a shutdown asks for (racing for the same half would
+    /// fail, and a failed consistency point fails the node).
+    cp_lock: Mutex<()>,
     cp_wake: Condvar,
     /// Set when durability can no longer be promised (a failed fsync or
     /// msync); every later write fails.
@@ -329,6 +333,7 @@ impl NodeInner {
             write_latency_us: crate::admin::Histogram::latency_us(),
             ha: Ha::new(runtime.clock.now()),
             cp_signal: Mutex::new(CpSignal::default()),
+            cp_lock: Mutex::new(()),
             cp_wake: Condvar::new(),
             failed: Mutex::new(None),
             stopping: AtomicBool::new(false),
@@ -693,6 +698,7 @@ impl NodeInner {
     /// Flush closed halves; close the filling one when the timer or the
     /// threshold says so.
     fn checkpoint_step(&self, timer_due: bool) -> Result<()> {
+        let _one_at_a_time = self.cp_lock.lock();
         if crate::ha::log_is_stale(self) {
             return Ok(());
         }
@@ -723,6 +729,7 @@ impl NodeInner {
     /// Flush everything logged: both halves (shutdown, after recovery,
     /// before a giveback).
     pub fn checkpoint_everything(&self) -> Result<()> {
+        let _one_at_a_time = self.cp_lock.lock();
         self.flush_closed_halves()?;
         if let Some(half) = self.log.switch_half() {
             self.checkpoint_half(half)?;

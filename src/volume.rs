@@ -3,7 +3,7 @@
 //!
 //! The backing is a real file, or in the simulation ([`crate::sim`]) a
 //! simulated disk with the same interface, which loses unsynced writes when
-//! a node crashes and can be told to fail.
+//! their node loses power and can be told to fail.
 
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::FileExt;

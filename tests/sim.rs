@@ -78,17 +78,28 @@ fn the_ci_seeds_find_no_violation() {
 
 #[test]
 fn a_seed_replays_exactly() {
-    for seed in [7, 150] {
+    for (seed, bug) in [
+        (7, None),
+        (7, Some(InjectedBug::AckBeforePlaced)),
+        (150, Some(InjectedBug::AckBeforePlaced)),
+    ] {
         let options = SimOptions {
             seed,
             steps: STEPS,
-            bug: Some(InjectedBug::AckBeforePlaced),
+            bug,
         };
         let first = sim::run(&options);
         let second = sim::run(&options);
         match (first, second) {
-            (Ok(a), Ok(b)) => assert_eq!(format!("{a}"), format!("{b}")),
+            (Ok(a), Ok(b)) => {
+                assert_eq!(format!("{a}"), format!("{b}"));
+                assert_eq!(
+                    a.trace_digest, b.trace_digest,
+                    "seed {seed}: the steps differ"
+                );
+            }
             (Err(a), Err(b)) => {
+                assert_eq!(a.report.trace_digest, b.report.trace_digest);
                 assert_eq!(a.step, b.step);
                 assert_eq!(a.violation, b.violation);
                 assert_eq!(a.trace, b.trace);

@@ -109,8 +109,9 @@ struct HaState {
     role: Role,
     own_fence: Option<Arc<Fence>>,
     holding: Option<Holding>,
-    /// A takeover that fenced the partner and then refused (its mirror was
-    /// out of sync): the ownership is ours, the volumes are not served.
+    /// A takeover that fenced the partner and then stopped (its mirror was
+    /// out of sync, corrupt, or unreadable): the ownership is ours, the
+    /// volumes are not served; a giveback returns them with their log.
     aborted_takeover: Option<Ownership>,
     partner_seq: Option<u64>,
     partner_seen_at: Instant,
@@ -357,7 +358,8 @@ fn resume_holding(inner: &Arc<NodeInner>, theirs: Ownership) -> Result<()> {
     let Some(index) = index else {
         tracing::warn!(
             epoch = theirs.epoch,
-            "the partner's volumes are fenced to this node, but its takeover stopped before              serving them: they wait for a giveback"
+            "the partner's volumes are fenced to this node, but its takeover stopped before \
+             serving them: they wait for a giveback"
         );
         inner.ha.state.lock().aborted_takeover = Some(theirs);
         return Ok(());
@@ -646,6 +648,15 @@ fn save_index(inner: &NodeInner, partner: u32, epoch: u64, volumes: &[Arc<Volume
     .save(&inner.config.data_dir)
 }
 
+fn save_holding_index(inner: &NodeInner, holding: &Holding) -> Result<()> {
+    save_index(
+        inner,
+        holding.ownership.volumes_of,
+        holding.ownership.epoch,
+        &holding.volumes,
+    )
+}
+
 /// Before a consistency point frees a half: if a replay is pending, the
 /// persisted index must not name mirror extents that writes in that half
 /// replaced.
@@ -655,12 +666,7 @@ pub(crate) fn save_index_if_holding(inner: &NodeInner) -> Result<()> {
     }
     let holding = inner.ha.state.lock().holding.clone();
     match holding {
-        Some(holding) => save_index(
-            inner,
-            holding.ownership.volumes_of,
-            holding.ownership.epoch,
-            &holding.volumes,
-        ),
+        Some(holding) => save_holding_index(inner, &holding),
         None => Ok(()),
     }
 }
@@ -769,12 +775,7 @@ fn replay_batch(
             .ha
             .replay_done_bytes
             .fetch_add(written, Ordering::AcqRel);
-        save_index(
-            inner,
-            holding.ownership.volumes_of,
-            holding.ownership.epoch,
-            &holding.volumes,
-        )?;
+        save_holding_index(inner, holding)?;
         return Ok(true);
     }
     Ok(false)
@@ -783,12 +784,7 @@ fn replay_batch(
 /// Everything mirrored is in the partner's files: the index goes empty
 /// (kept until the giveback: it says the takeover completed).
 fn finish_replay(inner: &NodeInner, holding: &Holding) -> Result<()> {
-    save_index(
-        inner,
-        holding.ownership.volumes_of,
-        holding.ownership.epoch,
-        &holding.volumes,
-    )?;
+    save_holding_index(inner, holding)?;
     inner.ha.replay_active.store(false, Ordering::Release);
     let mut state = inner.ha.state.lock();
     if let Some(times) = state.last_takeover.as_mut() {
@@ -1104,10 +1100,10 @@ pub(crate) fn monitor_tick(inner: &Arc<NodeInner>) -> Result<()> {
     // fenced by a takeover that stopped before serving them.
     let aborted = inner.ha.state.lock().aborted_takeover.is_some();
     if let (true, Some(delay_ms)) = (holding || aborted, inner.config.ha.auto_giveback_delay_ms) {
-        let waiting = partner_mailbox
-            .as_ref()
-            .is_some_and(|m| m.state == Role::WaitingForGiveback.as_str())
-            && mailbox_stale < Duration::from_millis(inner.config.ha.mailbox_timeout_ms);
+        let waiting = partner_mailbox.as_ref().is_some_and(|m| {
+            m.state == Role::WaitingForGiveback.as_str() || m.state == Role::Fenced.as_str()
+        }) && mailbox_stale
+            < Duration::from_millis(inner.config.ha.mailbox_timeout_ms);
         let since = {
             let mut state = inner.ha.state.lock();
             if waiting {
@@ -1157,7 +1153,10 @@ pub fn status(inner: &NodeInner) -> serde_json::Value {
     } else if let Some(refusal) = &state.refusal {
         Some(refusal.clone())
     } else if state.aborted_takeover.is_some() {
-        Some("a takeover stopped after fencing: the partner's mirror was out of sync".to_owned())
+        Some(
+            "a takeover stopped after fencing (see the log for why): `nvmirror giveback` hands the volumes back"
+                .to_owned(),
+        )
     } else if state.role != Role::Serving {
         Some(format!("this node is {}", state.role.as_str()))
     } else if interconnect == "up" {
@@ -1172,6 +1171,12 @@ pub fn status(inner: &NodeInner) -> serde_json::Value {
         .is_some_and(|m| !m.mirror_in_sync)
     {
         Some("the partner's mirror is out of sync".to_owned())
+    } else if state
+        .partner_mailbox
+        .as_ref()
+        .is_some_and(|m| m.in_sync_with_boot != Some(inner.mailbox.current().boot))
+    {
+        Some("the partner's mirror was in sync with an earlier start of this node".to_owned())
     } else {
         None
     };

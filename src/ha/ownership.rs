@@ -96,15 +96,7 @@ pub fn change_hands(
     log_replayed: bool,
     reason: &str,
 ) -> Result<Ownership> {
-    let current = read(aggregate_dir, seen.volumes_of)?;
-    if current.epoch != seen.epoch || current.owner != seen.owner {
-        return Err(Error::Failed {
-            reason: format!(
-                "node {}'s volumes changed hands meanwhile (now node {} at epoch {})",
-                seen.volumes_of, current.owner, current.epoch
-            ),
-        });
-    }
+    let current = read_unchanged(aggregate_dir, seen)?;
     let next = Ownership {
         format_version: OWNER_FORMAT_VERSION,
         volumes_of: seen.volumes_of,
@@ -115,9 +107,7 @@ pub fn change_hands(
         reason: reason.to_owned(),
         updated_unix_ms: now_unix_ms(),
     };
-    let mut bytes = serde_json::to_vec_pretty(&next).expect("ownership serializes");
-    bytes.push(b'\n');
-    write_atomically(&owner_path(aggregate_dir, seen.volumes_of), &bytes)?;
+    write(aggregate_dir, &next)?;
     tracing::warn!(
         volumes_of = next.volumes_of,
         owner,
@@ -133,6 +123,19 @@ pub fn change_hands(
 /// [`Ownership::log_replayed`]): clear the flag, same owner and epoch, so a
 /// restart from now on recovers the log it writes again.
 pub fn log_discarded(aggregate_dir: &Path, seen: &Ownership) -> Result<Ownership> {
+    let current = read_unchanged(aggregate_dir, seen)?;
+    let next = Ownership {
+        log_replayed: false,
+        reason: "log discarded after the giveback".into(),
+        updated_unix_ms: now_unix_ms(),
+        ..current
+    };
+    write(aggregate_dir, &next)?;
+    Ok(next)
+}
+
+/// The owner file as `seen`, or an error if its owner or epoch moved since.
+fn read_unchanged(aggregate_dir: &Path, seen: &Ownership) -> Result<Ownership> {
     let current = read(aggregate_dir, seen.volumes_of)?;
     if current.epoch != seen.epoch || current.owner != seen.owner {
         return Err(Error::Failed {
@@ -142,16 +145,14 @@ pub fn log_discarded(aggregate_dir: &Path, seen: &Ownership) -> Result<Ownership
             ),
         });
     }
-    let next = Ownership {
-        log_replayed: false,
-        reason: "log discarded after the giveback".into(),
-        updated_unix_ms: now_unix_ms(),
-        ..current
-    };
-    let mut bytes = serde_json::to_vec_pretty(&next).expect("ownership serializes");
+    Ok(current)
+}
+
+/// Replace the owner file, durably.
+fn write(aggregate_dir: &Path, ownership: &Ownership) -> Result<()> {
+    let mut bytes = serde_json::to_vec_pretty(ownership).expect("ownership serializes");
     bytes.push(b'\n');
-    write_atomically(&owner_path(aggregate_dir, seen.volumes_of), &bytes)?;
-    Ok(next)
+    write_atomically(&owner_path(aggregate_dir, ownership.volumes_of), &bytes)
 }
 
 /// Proof that this node serves node `volumes_of`'s volumes at `epoch`.

@@ -27,8 +27,11 @@
 //! stale owner writing. A violation stops the run with the trace of its
 //! last steps and the command that replays it.
 //!
-//! Each step is atomic: two writers never race inside the write path here
-//! (the stress and loom tests cover that).
+//! Each step is atomic: two writers never race inside the write path here,
+//! and a crash falls between two steps, never inside one (between a fence
+//! and the index it leads to, say). The multi-threaded tests of the log,
+//! the send queue's stress test and loom model, and the process-level
+//! drills cover what happens inside.
 
 mod checker;
 mod disk;
@@ -101,6 +104,8 @@ impl SimOptions {
 #[derive(Debug, Default, Clone)]
 pub struct SimReport {
     pub seed: u64,
+    /// A digest of every step's trace line: equal digests, equal runs.
+    pub trace_digest: u64,
     pub durability: &'static str,
     pub steps: u64,
     pub simulated_ms: u64,
@@ -326,6 +331,7 @@ impl World {
             heartbeats_lost_until_ms: 0,
             report: SimReport {
                 seed: options.seed,
+                trace_digest: 0xcbf2_9ce4_8422_2325,
                 ..SimReport::default()
             },
             trace: VecDeque::new(),
@@ -363,6 +369,11 @@ impl World {
         // Without the throw-away directory's name, a replay prints the same.
         let what = what.to_string().replace(&self.dir_prefix, "");
         let line = format!("step {} t={}ms {what}", self.step, self.now_ms());
+        // FNV-1a over every line, for comparing whole runs.
+        for byte in line.bytes().chain([b'\n']) {
+            self.report.trace_digest =
+                (self.report.trace_digest ^ u64::from(byte)).wrapping_mul(0x0000_0100_0000_01b3);
+        }
         self.trace.push_back(line);
     }
 
@@ -557,17 +568,23 @@ impl World {
         }
     }
 
-    fn write(&mut self) -> Result<(), String> {
+    /// A live node, one of the volumes it serves, and a block of it.
+    fn pick_block(&mut self) -> Option<(usize, Arc<NodeInner>, Arc<Volume>, u64)> {
         let index = self.pick_node();
-        let Some(inner) = self.live(index) else {
-            return Ok(());
-        };
+        let inner = self.live(index)?;
         let volumes = inner.volumes();
         if volumes.is_empty() {
-            return Ok(());
+            return None;
         }
         let volume = volumes[self.rng.below(volumes.len() as u64) as usize].clone();
         let block = self.rng.below(VOLUME_BLOCKS);
+        Some((index, inner, volume, block))
+    }
+
+    fn write(&mut self) -> Result<(), String> {
+        let Some((index, inner, volume, block)) = self.pick_block() else {
+            return Ok(());
+        };
         let (version, data) = self.checker.next_write(volume.id, block);
         match inner.start_write(&volume, block * BLOCK_BYTES as u64, &data) {
             Ok(pending) => {
@@ -670,17 +687,10 @@ impl World {
     }
 
     fn read(&mut self) -> Result<(), String> {
-        let index = self.pick_node();
-        let Some(inner) = self.live(index) else {
-            return Ok(());
-        };
-        let volumes = inner.volumes();
-        if volumes.is_empty() {
-            return Ok(());
+        match self.pick_block() {
+            Some((_, inner, volume, block)) => self.check_block(&inner, &volume, block),
+            None => Ok(()),
         }
-        let volume = volumes[self.rng.below(volumes.len() as u64) as usize].clone();
-        let block = self.rng.below(VOLUME_BLOCKS);
-        self.check_block(&inner, &volume, block)
     }
 
     fn check_block(
@@ -968,7 +978,7 @@ impl World {
             .flatten()
             .is_some_and(|m| m.mirror_in_sync && m.in_sync_with_boot == Some(my_boot));
         match crate::ha::takeover(&inner, true, "operator: forced takeover in the simulation") {
-            Ok(message) => {
+            Ok(_) => {
                 if !in_sync {
                     let lost: Vec<u32> = (0..VOLUMES_PER_NODE)
                         .map(|i| volume_id(partner_id, i))
@@ -977,9 +987,15 @@ impl World {
                 }
                 self.report.takeovers += 1;
                 self.report.forced_takeovers += 1;
+                // (Not the takeover's message: it has wall-clock timings.)
                 self.note(format_args!(
-                    "node {} forced takeover: {message}",
-                    index + 1
+                    "node {} forced a takeover of node {partner_id}'s volumes (mirror {})",
+                    index + 1,
+                    if in_sync {
+                        "in sync"
+                    } else {
+                        "not in sync: writes may be lost"
+                    }
                 ));
                 self.full_check("after a forced takeover")?;
             }
