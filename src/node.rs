@@ -29,7 +29,7 @@ use parking_lot::{Condvar, Mutex, RwLock};
 use crate::clock::Clock;
 use crate::config::{Config, Durability};
 use crate::error::{Error, Result};
-use crate::extents::Source;
+use crate::extents::{Origin, Source};
 use crate::ha::Ha;
 use crate::mailbox::{Mailbox, MailboxState, VolumeInfo, MAILBOX_FORMAT_VERSION};
 use crate::mirror::{Link, Mirror, Partner};
@@ -256,6 +256,51 @@ pub(crate) fn source_of(kind: RecordKind, payload_at: u64) -> Source {
         RecordKind::WriteZeroes => Source::Zero,
         RecordKind::Trim => Source::Hole,
     }
+}
+
+/// Put the records `scanner` yields into the dirty maps of `volumes`,
+/// each record's extent in LSN order, newest winning; `area_offset` is where
+/// the scanned log lies in the region, `origin` which log it is. A record
+/// for a volume not in `volumes`, or beyond its end, is skipped with an
+/// error event. Returns how many records went in.
+pub(crate) fn index_records(
+    scanner: Scanner<'_>,
+    volumes: &[Arc<Volume>],
+    area_offset: u64,
+    origin: Origin,
+) -> u64 {
+    let mut records = 0u64;
+    for record in scanner {
+        let header = record.header;
+        let Some(volume) = volumes.iter().find(|v| v.id == header.volume) else {
+            tracing::error!(
+                volume = header.volume,
+                lsn = header.lsn,
+                ?origin,
+                "log record for a volume not served here; skipped"
+            );
+            continue;
+        };
+        if header
+            .offset
+            .checked_add(header.extent_len)
+            .map_or(true, |end| end > volume.size_bytes)
+        {
+            tracing::error!(volume = %volume.name, lsn = header.lsn, ?origin, "log record beyond the end of its volume; skipped");
+            continue;
+        }
+        let payload_at =
+            area_offset + record.log_offset + nvlog::record::RECORD_HEADER_BYTES as u64;
+        volume.extents.lock().insert_from(
+            origin,
+            header.offset,
+            header.extent_len,
+            header.lsn,
+            source_of(header.kind, payload_at),
+        );
+        records += 1;
+    }
+    records
 }
 
 pub(crate) fn spawn(name: &str, body: impl FnOnce() + Send + 'static) -> JoinHandle<()> {
@@ -828,36 +873,12 @@ impl NodeInner {
         let span = tracing::info_span!("replay", node_id = self.config.node_id, log = "local");
         let _entered = span.enter();
         let image = self.log.live_image();
-        let local_log = self.region.local_log().offset;
-        let mut records = 0u64;
-        for record in Scanner::new(&image)? {
-            let header = record.header;
-            let Some(volume) = self.volume_by_id(header.volume) else {
-                tracing::error!(
-                    volume = header.volume,
-                    lsn = header.lsn,
-                    "log record for a volume not served here; skipped"
-                );
-                continue;
-            };
-            if header
-                .offset
-                .checked_add(header.extent_len)
-                .map_or(true, |end| end > volume.size_bytes)
-            {
-                tracing::error!(volume = %volume.name, lsn = header.lsn, "log record beyond the end of its volume; skipped");
-                continue;
-            }
-            let payload_at =
-                local_log + record.log_offset + nvlog::record::RECORD_HEADER_BYTES as u64;
-            volume.extents.lock().insert(
-                header.offset,
-                header.extent_len,
-                header.lsn,
-                source_of(header.kind, payload_at),
-            );
-            records += 1;
-        }
+        let records = index_records(
+            Scanner::new(&image)?,
+            &self.volumes(),
+            self.region.local_log().offset,
+            Origin::Local,
+        );
         self.checkpoint_everything()?;
         tracing::info!(records, "log replayed onto the volumes");
         Ok(())

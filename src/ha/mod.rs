@@ -56,7 +56,7 @@ use crate::error::{Error, Result};
 use crate::extents::{Origin, Source};
 use crate::mailbox::{self, MailboxState};
 use crate::nbd::{NbdServer, ServerConfig};
-use crate::node::{source_of, spawn, Execution, InjectedBug, NodeInner};
+use crate::node::{index_records, spawn, Execution, InjectedBug, NodeInner};
 use crate::volume::Volume;
 use index::{IndexEntry, TakeoverIndex};
 use ownership::{Fence, Ownership};
@@ -525,37 +525,12 @@ pub fn takeover(inner: &Arc<NodeInner>, force: bool, reason: &str) -> Result<Str
         }
         // 4. The index: every record's extent, in LSN order, newest winning.
         let (volumes, partner_mailbox) = open_partner_volumes(inner, &ours)?;
-        let mirror_base = inner.region.mirror().offset;
-        let mut records = 0u64;
-        for record in scanner {
-            let header = record.header;
-            let Some(volume) = volumes.iter().find(|v| v.id == header.volume) else {
-                tracing::error!(
-                    volume = header.volume,
-                    lsn = header.lsn,
-                    "mirrored record for an unknown volume; skipped"
-                );
-                continue;
-            };
-            if header
-                .offset
-                .checked_add(header.extent_len)
-                .map_or(true, |end| end > volume.size_bytes)
-            {
-                tracing::error!(volume = %volume.name, lsn = header.lsn, "mirrored record beyond its volume; skipped");
-                continue;
-            }
-            let payload_at =
-                mirror_base + record.log_offset + nvlog::record::RECORD_HEADER_BYTES as u64;
-            volume.extents.lock().insert_from(
-                Origin::Mirror,
-                header.offset,
-                header.extent_len,
-                header.lsn,
-                source_of(header.kind, payload_at),
-            );
-            records += 1;
-        }
+        let records = index_records(
+            scanner,
+            &volumes,
+            inner.region.mirror().offset,
+            Origin::Mirror,
+        );
         save_index(inner, partner, ours.epoch, &volumes)?;
         Ok((volumes, partner_mailbox, records))
     })();
