@@ -453,11 +453,7 @@ impl World {
             let lossy = now < self.heartbeats_lost_until_ms;
             self.net
                 .send_heartbeats(own, partner, now, || match rng.below(100) {
-                    _ if lossy => {
-                        report.heartbeats_lost += 1;
-                        None
-                    }
-                    0..=2 => {
+                    roll if lossy || roll < 3 => {
                         report.heartbeats_lost += 1;
                         None
                     }
@@ -620,24 +616,30 @@ impl World {
 
     /// Acknowledge (or fail) one write whose wait would end now.
     fn finish(&mut self) -> Result<(), String> {
-        if self.in_flight.is_empty() {
-            return Ok(());
+        if !self.in_flight.is_empty() {
+            let at = self.rng.below(self.in_flight.len() as u64) as usize;
+            self.try_finish(at);
         }
-        let at = self.rng.below(self.in_flight.len() as u64) as usize;
-        let entry = &self.in_flight[at];
-        let index = (entry.node - 1) as usize;
+        Ok(())
+    }
+
+    /// The wait phase of in-flight write `at`, if it would not wait: its
+    /// node is live and its mirror post settled. Returns whether the entry
+    /// left the list (acknowledged, failed, or of an earlier life).
+    fn try_finish(&mut self, at: usize) -> bool {
+        let index = (self.in_flight[at].node - 1) as usize;
         let Some(inner) = self.live(index) else {
-            return Ok(());
+            return false;
         };
         let entry = &self.in_flight[at];
-        if self.nodes[index].incarnation != entry.incarnation {
-            self.in_flight.swap_remove(at);
-            return Ok(());
-        }
-        if !inner.mirror.settled(entry.pending.and_then(|p| p.posted)) {
-            return Ok(());
+        let same_life = self.nodes[index].incarnation == entry.incarnation;
+        if same_life && !inner.mirror.settled(entry.pending.and_then(|p| p.posted)) {
+            return false;
         }
         let entry = self.in_flight.swap_remove(at);
+        if !same_life {
+            return true;
+        }
         match inner.finish_write(&entry.volume, entry.pending, false) {
             Ok(()) => {
                 self.checker
@@ -652,7 +654,7 @@ impl World {
                 entry.node, entry.volume.name, entry.block, entry.version
             )),
         }
-        Ok(())
+        true
     }
 
     fn deliver(&mut self) -> Result<(), String> {
@@ -1047,28 +1049,13 @@ impl World {
     }
 
     fn finish_all(&mut self) {
-        let mut rest = Vec::new();
-        for entry in std::mem::take(&mut self.in_flight) {
-            let index = (entry.node - 1) as usize;
-            let inner = self.live(index);
-            match inner {
-                Some(inner) if self.nodes[index].incarnation == entry.incarnation => {
-                    if !inner.mirror.settled(entry.pending.and_then(|p| p.posted)) {
-                        rest.push(entry);
-                        continue;
-                    }
-                    if inner
-                        .finish_write(&entry.volume, entry.pending, false)
-                        .is_ok()
-                    {
-                        self.checker
-                            .acked(entry.volume.id, entry.block, entry.version);
-                    }
-                }
-                _ => {}
+        let mut at = 0;
+        while at < self.in_flight.len() {
+            // A finished entry's place is taken by the last one: look again.
+            if !self.try_finish(at) {
+                at += 1;
             }
         }
-        self.in_flight = rest;
     }
 }
 
