@@ -490,15 +490,11 @@ impl World {
         let (inner, events) = match assembled {
             Ok(assembled) => assembled,
             // An injected disk error during recovery: the node does not come
-            // up; as after a crash, its NVRAM keeps what was persisted, and
-            // the operator tries again later.
+            // up, and the operator tries again later.
             Err(error @ Error::Io { .. }) => {
                 let id = node.id;
-                let image = node.region.crash_image(self.rng.next_u64());
-                node.region = Arc::new(
-                    Region::from_image(id, node.region.geometry(), &image)
-                        .expect("a crash image has the region's geometry"),
-                );
+                // The process exits: its mapping keeps what it wrote.
+                node.region = after_crash(&node.region, None);
                 self.net.unlisten(node.config.interconnect.listen);
                 node.down_until_ms = Some(self.elapsed_ms.load(Ordering::Acquire) + 500);
                 self.note(format_args!(
@@ -858,20 +854,10 @@ impl World {
         // limitation, see the README): power loss is simulated with
         // durability = "persist" only.
         let power_loss = self.durability == Durability::Persist && self.rng.chance(50);
-        let image = if power_loss {
-            node.region.crash_image(self.rng.next_u64())
-        } else {
-            node.region.snapshot(nvlog::Area {
-                offset: 0,
-                len: node.region.len(),
-            })
-        };
+        let tear_seed = power_loss.then(|| self.rng.next_u64());
         inner.mirror.stop();
         drop(inner);
-        node.region = Arc::new(
-            Region::from_image(node.id, node.region.geometry(), &image)
-                .expect("a crash image has the region's geometry"),
-        );
+        node.region = after_crash(&node.region, tear_seed);
         let (own, partner) = (
             node.config.interconnect.listen,
             node.config.interconnect.partner,
@@ -1057,6 +1043,23 @@ impl World {
             }
         }
     }
+}
+
+/// The NVRAM a node finds when it starts again: after a power loss (with
+/// the seed that tears it) what was persisted, the rest torn; after a
+/// process crash everything written to the mapping.
+fn after_crash(region: &Region, power_loss: Option<u64>) -> Arc<Region> {
+    let image = match power_loss {
+        Some(seed) => region.crash_image(seed),
+        None => region.snapshot(nvlog::Area {
+            offset: 0,
+            len: region.len(),
+        }),
+    };
+    Arc::new(
+        Region::from_image(region.node_id(), region.geometry(), &image)
+            .expect("a crash image has the region's geometry"),
+    )
 }
 
 /// The configuration of simulated node `id` under `root`.
