@@ -100,17 +100,21 @@ fuzz:
 	$(MAKE) fuzz-smoke FUZZ_SECONDS=$(FUZZ_SECONDS) FUZZ_SEED=$$(( (RANDOM << 15 | RANDOM) + 1 ))
 
 ## rdma: the Soft-RoCE tier (soft-roce/rdma-tier: the RDMA transport's
-## tests, a pair over RDMA with qemu-io, a drill over RDMA): directly where
+## tests, a pair over RDMA with qemu-io, a resync over a throttled RDMA
+## link, a drill over RDMA): directly where
 ## RDMA devices exist, else in one throw-away qemu guest (soft-roce/).
 rdma:
 	$(CARGO) build --locked --release -p nvmirror --features rdma
 	@tests=$$($(CARGO) test --locked -p interconnect --features rdma --test rdma --no-run --message-format=json \
 		| sed -n 's/.*"executable":"\([^"]*\)".*/\1/p' | tail -n 1); \
 	test -x "$$tests" || { echo "could not build the RDMA tests" >&2; exit 1; }; \
+	slow_link=$$($(CARGO) test --locked -p nvmirror --test slow_link_resync --no-run --message-format=json \
+		| grep '"name":"slow_link_resync"' | sed -n 's/.*"executable":"\([^"]*\)".*/\1/p' | tail -n 1); \
+	test -x "$$slow_link" || { echo "could not build the slow-link resync test" >&2; exit 1; }; \
 	if soft-roce/have-rdma --quiet; then \
-		soft-roce/rdma-tier "$$tests" target/release/nvmirror; \
+		soft-roce/rdma-tier "$$tests" target/release/nvmirror "$$slow_link"; \
 	else \
-		soft-roce/run-in-guest --timeout 1500 -- soft-roce/rdma-tier "$$tests" target/release/nvmirror; \
+		soft-roce/run-in-guest --timeout 1500 -- soft-roce/rdma-tier "$$tests" target/release/nvmirror "$$slow_link"; \
 	fi
 
 ## bench-smoke: the benchmarks in quick mode, so they cannot rot.

@@ -19,9 +19,10 @@ readonly RXE_TABLE_A=4791 RXE_TABLE_B=4792
 # algorithm err:-2"; `rdma link add` says "No such file or directory").
 # Some of these do not exist on other kernels (crc32_pclmul off x86, the
 # crc32 modules once crc32 became a library); only the ones named in
-# RXE_REQUIRED_MODULES must end up present.
+# RXE_REQUIRED_MODULES must end up present. sch_tbf: the slow-link resync
+# test throttles the veths with a token bucket.
 readonly RXE_MODULES=(crc32_generic crc32_pclmul udp_tunnel ip6_udp_tunnel ib_core
-	ib_uverbs rdma_rxe configfs ib_cm iw_cm rdma_cm rdma_ucm ib_umad veth)
+	ib_uverbs rdma_rxe configfs ib_cm iw_cm rdma_cm rdma_ucm ib_umad veth sch_tbf)
 readonly RXE_REQUIRED_MODULES=(ib_core ib_uverbs rdma_rxe rdma_ucm)
 
 # Debian packages: what rxe-setup needs on a host with rdma_rxe, and what

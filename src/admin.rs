@@ -1129,7 +1129,9 @@ fn parse_response(response: &[u8]) -> Result<(u16, String), String> {
 ///   "state": "serving" | "waiting for giveback" | "fenced" | "starting",
 ///   "partner": {"node_id": 2, "interconnect": "up" | "silent", "interconnect_silent_ms": 0,
 ///               "mailbox": "alive" | "stale" | "missing", "mailbox_stale_ms": 0, "state": "serving"},
-///   "mirror": {"link": "in sync" | "resyncing" | "down", "in_sync": true, "why_not": null},
+///   "mirror": {"link": "in sync" | "resyncing" | "down", "in_sync": true, "why_not": null,
+///              "resync": {"total_bytes": 4096, "placed_bytes": 4096, "elapsed_ms": 3,
+///                         "remaining_ms": 0, "finished": true} | null},
 ///   "takeover": {"possible": false, "why_not": "partner is alive",
 ///                "holding_partner_volumes": false, "forced": false},
 ///   "volumes": [{"name": "vol0", "volumes_of": 1, "owner": 1, "epoch": 0, "served_here": true,
@@ -1148,6 +1150,9 @@ fn parse_response(response: &[u8]) -> Result<(u16, String), String> {
 /// node 1: serving            partner 2: serving (interconnect up, mailbox alive)
 /// mirror: in sync
 /// takeover: not possible (partner is alive)
+///
+/// (while a resync runs: `mirror: resyncing, 3.0 MiB of 16.0 MiB placed in
+/// 1.5 s, about 6.5 s left`)
 /// volumes:
 ///   vol0  node 1's  owner 1  epoch 0  served here  dirty 0 B  1.0 MiB
 /// log: 3.2% of half 0 used; next LSN 10, flushed 4, persisted 9
@@ -1179,6 +1184,20 @@ pub fn render_status(status: &Value) -> String {
 
     if let Some(mirror) = section(status, "mirror") {
         let _ = write!(out, "mirror: {}", field(mirror, "link"));
+        if let Some(resync) = section(mirror, "resync")
+            .filter(|resync| resync.get("finished") != Some(&Value::Bool(true)))
+        {
+            let _ = write!(
+                out,
+                ", {} of {} placed in {}",
+                bytes_field(resync, "placed_bytes"),
+                bytes_field(resync, "total_bytes"),
+                duration_field(resync, "elapsed_ms"),
+            );
+            if let Some(left) = resync.get("remaining_ms").and_then(Value::as_u64) {
+                let _ = write!(out, ", about {} left", human_duration_ms(left));
+            }
+        }
         if let Some(why) = text_of(mirror.get("why_not")) {
             let _ = write!(out, " ({why})");
         }
@@ -2070,6 +2089,24 @@ replay: idle
 last takeover: none
 ";
         assert_eq!(text, expected, "\n{text}");
+    }
+
+    #[test]
+    fn renders_a_resync_in_progress() {
+        let mut status = full_status();
+        status["mirror"] = json!({"link": "resyncing", "in_sync": false, "why_not": "partner restarted",
+            "resync": {"total_bytes": 16_777_216_u64, "placed_bytes": 3_145_728, "elapsed_ms": 1500,
+                       "remaining_ms": 6500, "finished": false}});
+        let text = render_status(&status);
+        assert!(
+            text.contains("mirror: resyncing, 3.0 MiB of 16.0 MiB placed in 1.5 s, about 6.5 s left (partner restarted)\n"),
+            "\n{text}"
+        );
+        // A finished resync is not news.
+        status["mirror"]["resync"]["finished"] = json!(true);
+        status["mirror"]["link"] = json!("in sync");
+        status["mirror"]["why_not"] = json!(null);
+        assert!(render_status(&status).contains("mirror: in sync\n"));
     }
 
     #[test]

@@ -152,21 +152,62 @@ impl PairHarness {
     }
 
     /// Wait until `node_id` mirrors in sync, up to `timeout`.
+    /// Waits until node `node_id` mirrors in sync. Gives up only when no
+    /// resync gets further than any before it for `timeout` (a slow machine
+    /// or link takes as long as the copy takes; a resync that starts over
+    /// and over makes no progress); prints the progress every few seconds.
     pub fn wait_in_sync(&self, node_id: u32, timeout: Duration) -> Result<()> {
-        let deadline = Instant::now() + timeout;
+        let started = Instant::now();
+        let mut progress_at = started;
+        let mut furthest_bytes = 0;
+        let mut last_report = started;
         while !self.in_sync(node_id) {
-            if Instant::now() > deadline {
+            let now = Instant::now();
+            let resync = self.nodes[(node_id - 1) as usize]
+                .status()
+                .ok()
+                .map(|status| status["mirror"]["resync"].clone())
+                .filter(|resync| !resync.is_null());
+            let placed = resync
+                .as_ref()
+                .and_then(|resync| resync["placed_bytes"].as_u64())
+                .unwrap_or(0);
+            if placed > furthest_bytes {
+                furthest_bytes = placed;
+                progress_at = now;
+            }
+            let describe = || {
+                resync
+                    .as_ref()
+                    .map_or_else(|| "not started".to_owned(), |r| r.to_string())
+            };
+            if now.duration_since(progress_at) > timeout {
                 return Err(Error::Failed {
-                    reason: format!("node {node_id} did not mirror in sync within {timeout:?}"),
+                    reason: format!(
+                        "node {node_id} did not mirror in sync: no resync got further for {timeout:?} \
+                         (waited {:?}; resync: {})",
+                        now.duration_since(started),
+                        describe()
+                    ),
                 });
+            }
+            if now.duration_since(last_report) >= Duration::from_secs(5) {
+                last_report = now;
+                eprintln!(
+                    "waiting {:.0} s for node {node_id} to mirror in sync; resync: {}",
+                    now.duration_since(started).as_secs_f64(),
+                    describe()
+                );
             }
             std::thread::sleep(Duration::from_millis(25));
         }
         Ok(())
     }
 
-    /// Node `writer`'s live log and node `mirror`'s partner-mirror area hold
-    /// the same bytes, read through the NVRAM files (mapped shared by the
+    /// Node `mirror`'s partner-mirror area reads exactly like node
+    /// `writer`'s live log: the same log header block, and a scan yields
+    /// the same records (a resync copies the live ranges, not the bytes
+    /// past them). Read through the NVRAM files (mapped shared by the
     /// nodes, so the files show the current bytes).
     pub fn mirror_matches(&self, writer: u32, mirror: u32) -> Result<bool> {
         use std::os::unix::fs::FileExt;
@@ -179,7 +220,30 @@ impl PairHarness {
             Ok(bytes)
         };
         let header = nvlog::region::REGION_HEADER_BYTES;
-        Ok(read(self.nvram(writer), header)? == read(self.nvram(mirror), header + log_len)?)
+        let log = read(self.nvram(writer), header)?;
+        let copy = read(self.nvram(mirror), header + log_len)?;
+        let header_block = nvlog::region::LOG_HEADER_BYTES as usize;
+        if log[..header_block] != copy[..header_block] {
+            return Ok(false);
+        }
+        /// A scanned record: LSN, volume, offset, payload.
+        type Record = (u64, u32, u64, Vec<u8>);
+        let records = |image: &[u8]| -> Option<Vec<Record>> {
+            let scanner = nvlog::Scanner::new(image).ok()?;
+            Some(
+                scanner
+                    .map(|r| {
+                        (
+                            r.header.lsn,
+                            r.header.volume,
+                            r.header.offset,
+                            r.payload.to_vec(),
+                        )
+                    })
+                    .collect(),
+            )
+        };
+        Ok(records(&log).is_some() && records(&log) == records(&copy))
     }
 }
 

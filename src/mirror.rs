@@ -6,9 +6,13 @@
 //! waits for local persistence, and before the first such acknowledgement
 //! the mailbox durably says "out of sync".
 //!
-//! A resync copies the whole log area (header block and both halves) to
-//! the partner over a fresh session, while new appends are posted to that
-//! session as usual. It declares InSync only when the copy and everything
+//! A resync copies the log's live ranges (the header block and the used
+//! part of each live half, `nvlog::Log::live_ranges`) to the partner over
+//! a fresh session, while new appends are posted to that session as usual.
+//! It never gives up on a slow link while the copy makes progress: it is
+//! abandoned only when nothing is placed for `RESYNC_STALL_TIMEOUT` (the
+//! transport itself fails a session whose partner falls silent), and its
+//! progress (bytes placed, rate, time left) is in the status. It declares InSync only when the copy and everything
 //! posted before it are placed and the link is still Resyncing — checked,
 //! and the mailbox updated, under the log's order lock, so no append can
 //! slip between the check and the declaration. An append that finds the
@@ -57,8 +61,10 @@ impl Link {
     }
 }
 
-/// How long a resync may take before it is abandoned and retried.
-const RESYNC_TIMEOUT: Duration = Duration::from_secs(60);
+/// A resync (or a wait for everything posted) that places nothing for this
+/// long is abandoned and retried. Progress, not total time: a large log on
+/// a slow link takes as long as it takes.
+const RESYNC_STALL_TIMEOUT: Duration = Duration::from_secs(60);
 /// Header posts from a consistency point wait at most this long for a slot.
 const HEADER_POST_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -114,7 +120,36 @@ pub struct Mirror {
     /// An interconnect cut (operator or drill) keeps the connector idle
     /// until then.
     paused_until: Mutex<Option<std::time::Instant>>,
+    /// The resync under way (or the last one), for the status.
+    resync: Mutex<Option<ResyncCopy>>,
     clock: Clock,
+}
+
+/// What a resync copies and how far it has got: the writes it posted, each
+/// with the bytes copied through it.
+#[derive(Debug, Clone)]
+struct ResyncCopy {
+    started: std::time::Instant,
+    total_bytes: u64,
+    /// (write id, bytes posted through it), in post order.
+    posted: Vec<(WriteId, u64)>,
+    session: u64,
+    finished: Option<std::time::Instant>,
+}
+
+/// How far the current (or last) resync has got.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct ResyncProgress {
+    /// Bytes of the log's live ranges the resync copies.
+    pub total_bytes: u64,
+    /// Of which the partner has placed.
+    pub placed_bytes: u64,
+    /// Since the resync started.
+    pub elapsed: Duration,
+    /// The resync declared the mirror in sync (or was abandoned).
+    pub finished: bool,
+    /// At the rate so far; `None` before anything is placed.
+    pub remaining: Option<Duration>,
 }
 
 impl Mirror {
@@ -145,6 +180,7 @@ impl Mirror {
             wake: (Mutex::new(false), Condvar::new()),
             enabled: AtomicBool::new(false),
             paused_until: Mutex::new(None),
+            resync: Mutex::new(None),
             clock,
         }
     }
@@ -321,12 +357,50 @@ impl Mirror {
         }
     }
 
-    /// Wait until everything posted so far is placed (or the link failed):
-    /// after this, no transport still reads bytes posted before.
+    /// Wait until everything posted so far is placed (or the link failed,
+    /// or stalled): after this, no transport still reads bytes posted
+    /// before.
     pub fn wait_all_placed(&self) {
         if let Some(queue) = self.queue() {
-            let _ = queue.wait_placed_timeout(queue.posted(), RESYNC_TIMEOUT);
+            let _ = wait_placed_with_progress(&queue, queue.posted());
         }
+    }
+
+    /// How far the current (or last) resync has got.
+    pub fn resync_progress(&self) -> Option<ResyncProgress> {
+        let copy = self.resync.lock().clone()?;
+        // Writes lost with a failed session count as resolved, not placed.
+        let placed_id = self
+            .queue()
+            .filter(|queue| queue.session() == copy.session && queue.failure().is_none())
+            .map(|queue| queue.placed());
+        let placed_bytes = match (copy.finished, placed_id) {
+            (Some(_), _) if self.link() == Link::InSync => copy.total_bytes,
+            (Some(_), _) => 0,
+            (None, Some(placed)) => copy
+                .posted
+                .iter()
+                .take_while(|(id, _)| *id <= placed)
+                .last()
+                .map_or(0, |&(_, bytes)| bytes),
+            (None, None) => 0,
+        };
+        let now = self.clock.now();
+        let elapsed = copy
+            .finished
+            .unwrap_or(now)
+            .saturating_duration_since(copy.started);
+        let remaining = (placed_bytes > 0).then(|| {
+            let left = copy.total_bytes - placed_bytes;
+            Duration::from_secs_f64(elapsed.as_secs_f64() * left as f64 / placed_bytes as f64)
+        });
+        Some(ResyncProgress {
+            total_bytes: copy.total_bytes,
+            placed_bytes,
+            elapsed,
+            finished: copy.finished.is_some(),
+            remaining,
+        })
     }
 
     /// The link failed (an event, or an error seen by a writer).
@@ -418,20 +492,80 @@ impl Mirror {
                 }
             }
         };
-        let start = log.with_order_lock(|| {
+        // The ranges and the switch to Resyncing in one step under the
+        // order lock: what was appended before is inside the ranges, what
+        // is appended after is posted to this session by its own write.
+        let (ranges, start) = log.live_ranges_with(|| {
             self.link.store(Link::Resyncing as u8, Ordering::Release);
             self.resync_starts.fetch_add(1, Ordering::AcqRel) + 1
         });
-        let chunk = u64::from(queue.limits().max_write_len_bytes);
-        let mut offset = 0;
-        while offset < self.log_len_bytes {
-            let len = chunk.min(self.log_len_bytes - offset);
-            let mut reservation = queue.reserve_timeout(1, RESYNC_TIMEOUT)?;
-            reservation.post(write_of(offset..offset + len));
-            offset += len;
+        let total_bytes: u64 = ranges.iter().map(|range| range.end - range.start).sum();
+        assert!(
+            ranges.iter().all(|range| range.end <= self.log_len_bytes),
+            "live ranges lie inside the log"
+        );
+        tracing::info!(
+            total_bytes,
+            log_bytes = self.log_len_bytes,
+            session = queue.session(),
+            "resync: copying the log's live ranges"
+        );
+        *self.resync.lock() = Some(ResyncCopy {
+            started: self.clock.now(),
+            total_bytes,
+            posted: Vec::new(),
+            session: queue.session(),
+            finished: None,
+        });
+        let declared = self.copy_and_declare(log, &queue, ranges, start, partner_boot);
+        if let Some(copy) = self.resync.lock().as_mut() {
+            copy.finished = Some(self.clock.now());
         }
-        queue.wait_placed_timeout(queue.posted(), RESYNC_TIMEOUT)?;
-        let declared = log.with_order_lock(|| -> Result<bool> {
+        if !declared? {
+            return Err(crate::error::Error::Failed {
+                reason: "the link went down during the resync".into(),
+            });
+        }
+        tracing::info!(
+            copied_bytes = total_bytes,
+            log_bytes = self.log_len_bytes,
+            session = queue.session(),
+            "mirror in sync"
+        );
+        Ok(())
+    }
+
+    /// Copies `ranges` over `queue`'s session; once all of it (and every
+    /// write posted before) is placed, declares the mirror in sync if the
+    /// link is still Resyncing. Whether it declared.
+    fn copy_and_declare(
+        &self,
+        log: &nvlog::Log,
+        queue: &SendQueue,
+        ranges: Vec<Range<u64>>,
+        start: u64,
+        partner_boot: Option<u64>,
+    ) -> Result<bool> {
+        let chunk = u64::from(queue.limits().max_write_len_bytes);
+        let mut copied = 0;
+        for range in ranges {
+            let mut offset = range.start;
+            while offset < range.end {
+                let len = chunk.min(range.end - offset);
+                // A slot frees as soon as the partner places an earlier
+                // chunk: waiting longer than the stall timeout means no
+                // progress at all.
+                let mut reservation = queue.reserve_timeout(1, RESYNC_STALL_TIMEOUT)?;
+                let id = reservation.post(write_of(offset..offset + len));
+                offset += len;
+                copied += len;
+                if let Some(copy) = self.resync.lock().as_mut() {
+                    copy.posted.push((id, copied));
+                }
+            }
+        }
+        wait_placed_with_progress(queue, queue.posted())?;
+        log.with_order_lock(|| -> Result<bool> {
             if self.link() != Link::Resyncing {
                 return Ok(false);
             }
@@ -445,18 +579,27 @@ impl Mirror {
             self.covered_below.store(start, Ordering::Release);
             self.link.store(Link::InSync as u8, Ordering::Release);
             Ok(true)
-        })?;
-        if !declared {
-            return Err(crate::error::Error::Failed {
-                reason: "the link went down during the resync".into(),
-            });
+        })
+    }
+}
+
+/// Waits until `id` is placed, as long as the partner keeps placing: fails
+/// only when nothing is placed for [`RESYNC_STALL_TIMEOUT`] (or the
+/// session fails).
+fn wait_placed_with_progress(queue: &SendQueue, id: WriteId) -> Result<()> {
+    let mut placed = queue.placed();
+    loop {
+        match queue.wait_placed_timeout(id, RESYNC_STALL_TIMEOUT) {
+            Ok(()) => return Ok(()),
+            Err(error @ interconnect::Error::PlacedTimedOut { .. }) => {
+                let now_placed = queue.placed();
+                if now_placed == placed {
+                    return Err(error.into());
+                }
+                placed = now_placed;
+            }
+            Err(error) => return Err(error.into()),
         }
-        tracing::info!(
-            log_bytes = self.log_len_bytes,
-            session = queue.session(),
-            "mirror in sync"
-        );
-        Ok(())
     }
 }
 

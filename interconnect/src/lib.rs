@@ -18,6 +18,8 @@
 //! - `rdma` (cargo feature `rdma`): the RDMA transport (`rdma::RdmaSender`,
 //!   `rdma::RdmaReceiver`) over rdma_cm and an RC queue pair; its `unsafe`
 //!   lives in `rdma::verbs`.
+//! - [`pacing`]: the bound on bytes in flight that keeps heartbeats from
+//!   waiting behind a backlog of writes on a slow link.
 //! - [`inproc`]: an in-process transport with delay/drop/cut knobs.
 //! - [`control`]: typed control messages, events, the failure detector.
 //! - [`SharedMemory`] (`memory.rs`): the local log and mirror memory, owned
@@ -31,6 +33,7 @@ pub mod control;
 mod error;
 pub mod inproc;
 mod memory;
+pub mod pacing;
 pub mod queue;
 #[cfg(feature = "rdma")]
 pub mod rdma;

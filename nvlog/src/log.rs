@@ -796,16 +796,40 @@ impl Log {
     }
 
     /// Log-relative ranges that hold the log's state right now: the header
-    /// block and the used part of every live half. Mirroring them brings a
-    /// partner's mirror in sync (resync).
+    /// block, and the used part of every live half with one record
+    /// header's worth after it. Mirroring them brings a partner's mirror in
+    /// sync (resync) without copying the rest of the halves.
+    ///
+    /// Why the bytes after the tail: the mirror may hold a longer history
+    /// of the same half (records this log lost in a crash, at offsets it
+    /// reuses, in the same generation), and a record there could pass for
+    /// the next one. With the header-sized bytes after the tail copied too,
+    /// the mirror's scan finds at the tail what the local scan finds (zero
+    /// or a stale generation: the end; or a record being appended, whose
+    /// own mirror write follows), and the scan never looks further.
     pub fn live_ranges(&self) -> Vec<Range<u64>> {
+        self.live_ranges_locked(&self.state.lock())
+    }
+
+    /// [`Log::live_ranges`] together with `f`, both under the log's order
+    /// lock: every record appended before `f` ran lies inside the ranges,
+    /// every later one is appended after `f` (a resync switches sessions
+    /// in `f`). `f` must be short and must not call back into the log.
+    pub fn live_ranges_with<R>(&self, f: impl FnOnce() -> R) -> (Vec<Range<u64>>, R) {
         let state = self.state.lock();
+        let ranges = self.live_ranges_locked(&state);
+        (ranges, f())
+    }
+
+    fn live_ranges_locked(&self, state: &State) -> Vec<Range<u64>> {
         let header_block = std::iter::once(0..LOG_HEADER_BYTES);
         let halves = (0..2)
             .filter(|&half| state.halves[half].state.is_live())
             .map(|half| {
                 let start = self.geometry.half_offset(half);
-                start..start + state.halves[half].used
+                let end = start + self.geometry.half_len();
+                let guard = crate::record::RECORD_HEADER_BYTES as u64;
+                start..(start + state.halves[half].used + guard).min(end)
             });
         header_block.chain(halves).collect()
     }

@@ -370,3 +370,47 @@ fn discard_all_forgets_every_record_across_a_restart() {
     assert_eq!(recovery.first_lsn, Some(26));
     assert_eq!(scan_all(&log.live_image()).0.len(), 1);
 }
+
+/// A resync copies only the live ranges, over a partner mirror that may
+/// hold a longer history of the same half: records the local log lost in
+/// a crash, at the offsets the log reuses. What lies beyond the tail in the
+/// mirror must not read as a continuation of the log.
+#[test]
+fn live_ranges_copied_over_a_longer_mirror_scan_like_the_log() {
+    let (region, log) = memory_log(HALF);
+    let record = |i: u64| payload(i, 1000);
+    for i in 0..10 {
+        append_write(&log, 1, i * 4096, &record(i));
+    }
+    log.persist(log.last_lsn()).expect("persist");
+    // What a crash after the tenth record leaves: its durable image.
+    let before = region.crash_image(1);
+    for i in 10..25 {
+        append_write(&log, 1, i * 4096, &record(i));
+    }
+    // The partner's mirror held all 25 (placed, never persisted here).
+    let partner = Region::in_memory(2, region.geometry());
+    partner.write(partner.mirror().offset, &log.live_image());
+
+    let region = Arc::new(Region::from_image(NODE, region.geometry(), &before).expect("image"));
+    let (log, _) = Log::open(Arc::clone(&region)).expect("recover");
+    assert_eq!(log.last_lsn(), 10);
+    // The same length as the lost eleventh record: the next offset is
+    // where the lost twelfth record still sits in the mirror, with the
+    // LSN that would come next.
+    append_write(&log, 1, 0, &payload(99, 1000));
+    let mut buf = Vec::new();
+    for range in log.live_ranges() {
+        buf.resize((range.end - range.start) as usize, 0);
+        region.read(region.local_log().offset + range.start, &mut buf);
+        partner.write(partner.mirror().offset + range.start, &buf);
+    }
+    let lsns = |image: &[u8]| scan_all(image).0.iter().map(|r| r.0).collect::<Vec<_>>();
+    let local = lsns(&log.live_image());
+    assert_eq!(local, (1..=11).collect::<Vec<u64>>());
+    assert_eq!(lsns(&partner.snapshot(partner.mirror())), local);
+    assert_eq!(
+        scan_all(&partner.snapshot(partner.mirror())).0,
+        scan_all(&log.live_image()).0
+    );
+}

@@ -1191,6 +1191,13 @@ pub fn status(inner: &NodeInner) -> serde_json::Value {
             "link": inner.link().as_str(),
             "in_sync": mirror.mirror_in_sync,
             "why_not": mirror.out_of_sync_reason,
+            "resync": inner.mirror.resync_progress().map(|progress| json!({
+                "total_bytes": progress.total_bytes,
+                "placed_bytes": progress.placed_bytes,
+                "elapsed_ms": progress.elapsed.as_millis() as u64,
+                "remaining_ms": progress.remaining.map(|left| left.as_millis() as u64),
+                "finished": progress.finished,
+            })),
         },
         "takeover": {
             "possible": takeover_why_not.is_none(),

@@ -56,7 +56,11 @@
 //! with the writes after them) while there is no credit.
 //!
 //! The dialer sends a heartbeat every interval even while writing: RDMA
-//! writes are invisible to the receiver's CPU.
+//! writes are invisible to the receiver's CPU. Since a SEND executes after
+//! every write posted before it, the dialer keeps the bytes in flight to
+//! what the link carries in a fraction of the interval
+//! ([`crate::pacing::SendWindow`]); writes beyond that wait in the session
+//! thread, so liveness never waits behind a backlog of data.
 //!
 //! # What "placed" means
 //!
@@ -239,6 +243,16 @@ impl RdmaConfig {
 
     fn handshake_timeout(&self) -> Duration {
         Duration::from_millis(self.handshake_timeout_ms)
+    }
+
+    /// The longest a heartbeat should wait behind writes on the QP: the
+    /// sender keeps no more bytes in flight than the link carries in it
+    /// ([`crate::pacing`]). A heartbeat then arrives within an interval
+    /// plus this, well inside the silence timeout.
+    fn liveness_budget(&self) -> Duration {
+        self.heartbeat_interval()
+            .min(self.silence_timeout() / 4)
+            .max(Duration::from_millis(1))
     }
 
     /// How long a session loop sleeps at most before checking timers.
@@ -569,6 +583,44 @@ impl Connection {
             }
         }
         Ok(())
+    }
+
+    /// A work request failed (`error`): if the partner is closing the
+    /// session, the connection manager says so within `linger` (its
+    /// disconnect request travels beside the writes, and writes that reach
+    /// a closed session's mirror fail with a remote access error or are
+    /// flushed). Then the session ended because the partner closed it, and
+    /// the writes in flight are lost with it, as on any closed session;
+    /// otherwise the work request's own failure stands.
+    fn explain_failure(&mut self, error: Error, linger: Duration) -> Error {
+        let Error::WorkRequestFailed { kind, .. } = &error else {
+            return error;
+        };
+        let deadline = Instant::now() + linger;
+        loop {
+            let event = match self
+                .channel
+                .next_event(deadline.saturating_duration_since(Instant::now()))
+            {
+                Ok(Some(event)) => event,
+                Ok(None) | Err(_) => return error,
+            };
+            match event.kind {
+                event::ESTABLISHED | event::TIMEWAIT_EXIT => continue,
+                event::DEVICE_REMOVAL => {
+                    return Error::DeviceRemoved {
+                        device: self.device.clone(),
+                    }
+                }
+                closing => {
+                    tracing::debug!(peer = %self.peer, kind, %error,
+                        "work requests in flight lost with the session the partner closed");
+                    return Error::RdmaDisconnected {
+                        event: verbs::event_name(closing),
+                    };
+                }
+            }
+        }
     }
 
     /// Waits for the next message (handshake steps), failing at `deadline`.

@@ -9,7 +9,15 @@
 //! orders the two ways, so writes reach the send queue in id order. The
 //! session thread also takes every completion, exchanges control messages
 //! and heartbeats, and watches rdma_cm events and silence.
+//!
+//! The session thread keeps the bytes in flight within a [`SendWindow`]:
+//! what the link carries in a fraction of the heartbeat interval, measured
+//! as it goes. Writes beyond it wait in the thread's backlog, so a
+//! heartbeat (a SEND, which the QP executes after every write posted
+//! before it) never waits behind more than that, and a resync of any size
+//! cannot starve the partner's failure detector on a slow link.
 
+use std::collections::VecDeque;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
@@ -31,6 +39,7 @@ use super::{
 };
 use crate::auth::{proof, random_bytes, verify_proof};
 use crate::control::{decode_control, ControlEvent, ControlMessage, Direction, FailureDetector};
+use crate::pacing::SendWindow;
 use crate::queue::{Completions, WriteId};
 use crate::tcp::wire::{HandshakeStatus, NONCE_LEN};
 use crate::transport::{SessionLink, Transport, TransportLimits, WorkRequest};
@@ -57,6 +66,8 @@ struct PostState {
     queued_writes: usize,
     /// The highest write id known placed (the session thread updates it).
     placed: u64,
+    /// Bytes in flight on the QP, and how many may be.
+    window: SendWindow,
 }
 
 impl PostState {
@@ -77,6 +88,12 @@ impl PostState {
             .qp
             .post_writes(&target.local_mr, &target.remote, writes)?;
         self.highest_posted = last_id;
+        for write in writes {
+            self.window.posted(
+                write.wr_id & super::WR_VALUE_MASK,
+                u64::from(write.len_bytes),
+            );
+        }
         Ok(())
     }
 }
@@ -288,6 +305,7 @@ impl RdmaSender {
                 highest_posted: 0,
                 queued_writes: 0,
                 placed: 0,
+                window: SendWindow::new(config.liveness_budget()),
             }),
             writes,
             controls,
@@ -409,6 +427,7 @@ impl Transport for RdmaSender {
             // The session ended; its failure is being reported.
             return;
         }
+        // An idle QP: nothing in flight, nothing waiting in the backlog.
         if post.queued_writes == 0 && post.placed == post.highest_posted {
             if let Err(error) = post.post(&[write]) {
                 drop(post);
@@ -495,6 +514,8 @@ impl SessionLoop {
         let config = &shared.config;
         let signal_every = (config.send_depth / 4).max(1);
         let mut writes: Vec<WriteRequest> = Vec::new();
+        // Handed over by writers, held back by the window; in id order.
+        let mut backlog: VecDeque<WorkRequest> = VecDeque::with_capacity(config.send_depth);
         let mut polled = Vec::new();
         let mut placed = 0u64;
         let mut detector = FailureDetector::new(config.silence_timeout(), Instant::now());
@@ -508,19 +529,39 @@ impl SessionLoop {
             // (virtual) machines.
             let now = Instant::now();
 
-            // The writes handed over: one chain, signaled every
-            // `signal_every` and at its end, so no write waits for a later
-            // one to be covered (RC completes in order).
+            // The writes handed over, as far as the window admits them:
+            // one chain, signaled every `signal_every` writes and every
+            // quarter window (so completions keep refilling the window)
+            // and at its end, so no write waits for a later one to be
+            // covered (RC completes in order).
             let highest_posted = {
                 let mut post = shared.post();
+                backlog.extend(self.writes.try_iter());
                 writes.clear();
-                for request in self.writes.try_iter() {
+                let window_bytes = post.window.window_bytes();
+                let signal_bytes = (window_bytes / 4).max(1);
+                let mut chain_bytes = post.window.in_flight_bytes();
+                let mut unsignaled_bytes = 0u64;
+                while let Some(request) = backlog.front() {
+                    let len = u64::from(request.len_bytes);
+                    let idle = post.window.in_flight_bytes() == 0 && writes.is_empty();
+                    if !idle && chain_bytes + len > window_bytes {
+                        break;
+                    }
+                    let request = backlog.pop_front().expect("looked at above");
+                    chain_bytes += len;
+                    unsignaled_bytes += len;
+                    let signaled = writes.len() % signal_every == signal_every - 1
+                        || unsignaled_bytes >= signal_bytes;
+                    if signaled {
+                        unsignaled_bytes = 0;
+                    }
                     writes.push(WriteRequest {
                         wr_id: super::wr_id(super::WR_WRITE, request.id.get()),
                         local_offset: request.src_offset,
                         remote_offset: request.dst_offset,
                         len_bytes: request.len_bytes,
-                        signaled: writes.len() % signal_every == signal_every - 1,
+                        signaled,
                     });
                 }
                 if let Some(last) = writes.last_mut() {
@@ -551,7 +592,11 @@ impl SessionLoop {
             }
 
             // Completions.
-            self.conn.poll(&mut polled)?;
+            if let Err(error) = self.conn.poll(&mut polled) {
+                return Err(self
+                    .conn
+                    .explain_failure(error, config.silence_timeout() / 4));
+            }
             let mut newest = placed;
             for item in polled.drain(..) {
                 match item {
@@ -590,6 +635,7 @@ impl SessionLoop {
                         "completion for a write never posted"
                     );
                     post.placed = newest;
+                    post.window.placed_through(newest, now, !backlog.is_empty());
                 }
                 placed = newest;
                 shared.link.placed_through(WriteId::new(placed));
