@@ -12,10 +12,12 @@
 //! It never gives up on a slow link while the copy makes progress: it is
 //! abandoned only when nothing is placed for `RESYNC_STALL_TIMEOUT` (the
 //! transport itself fails a session whose partner falls silent), and its
-//! progress (bytes placed, rate, time left) is in the status. It declares InSync only when the copy and everything
-//! posted before it are placed and the link is still Resyncing — checked,
-//! and the mailbox updated, under the log's order lock, so no append can
-//! slip between the check and the declaration. An append that finds the
+//! progress (bytes placed, time so far, time left) is in the status.
+//!
+//! It declares InSync only when the copy and everything posted before it
+//! are placed and the link is still Resyncing — checked, and the mailbox
+//! updated, under the log's order lock, so no append can slip between the
+//! check and the declaration. An append that finds the
 //! link up but holds no reservation (it reserved while the link was down)
 //! cannot be mirrored: it takes the link down at once, under the same lock,
 //! so no later write is acknowledged on a mirror with a hole in it.
