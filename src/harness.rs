@@ -243,7 +243,8 @@ impl PairHarness {
                     .collect(),
             )
         };
-        Ok(records(&log).is_some() && records(&log) == records(&copy))
+        let log_records = records(&log);
+        Ok(log_records.is_some() && log_records == records(&copy))
     }
 }
 

@@ -568,21 +568,24 @@ impl Connection {
             return Ok(());
         }
         while let Some(event) = self.channel.try_event()? {
-            match event.kind {
-                event::DEVICE_REMOVAL => {
-                    return Err(Error::DeviceRemoved {
-                        device: self.device.clone(),
-                    })
-                }
-                event::ESTABLISHED | event::TIMEWAIT_EXIT => {}
-                kind => {
-                    return Err(Error::RdmaDisconnected {
-                        event: verbs::event_name(kind),
-                    })
-                }
+            if let Some(error) = self.ending(event.kind) {
+                return Err(error);
             }
         }
         Ok(())
+    }
+
+    /// Why an rdma_cm event of `kind` ends the connection, if it does.
+    fn ending(&self, kind: u32) -> Option<Error> {
+        match kind {
+            event::ESTABLISHED | event::TIMEWAIT_EXIT => None,
+            event::DEVICE_REMOVAL => Some(Error::DeviceRemoved {
+                device: self.device.clone(),
+            }),
+            kind => Some(Error::RdmaDisconnected {
+                event: verbs::event_name(kind),
+            }),
+        }
     }
 
     /// A work request failed (`error`): if the partner is closing the
@@ -605,20 +608,10 @@ impl Connection {
                 Ok(Some(event)) => event,
                 Ok(None) | Err(_) => return error,
             };
-            match event.kind {
-                event::ESTABLISHED | event::TIMEWAIT_EXIT => continue,
-                event::DEVICE_REMOVAL => {
-                    return Error::DeviceRemoved {
-                        device: self.device.clone(),
-                    }
-                }
-                closing => {
-                    tracing::debug!(peer = %self.peer, kind, %error,
-                        "work requests in flight lost with the session the partner closed");
-                    return Error::RdmaDisconnected {
-                        event: verbs::event_name(closing),
-                    };
-                }
+            if let Some(ending) = self.ending(event.kind) {
+                tracing::debug!(peer = %self.peer, kind, %error, %ending,
+                    "work requests in flight lost with the session");
+                return ending;
             }
         }
     }
