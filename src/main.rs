@@ -187,7 +187,7 @@ fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
         Command::Node { config } => {
             let config = Config::load(&config)?;
             init_logging(config.log_level.as_deref());
-            nvmirror::serve::run_node(config)?;
+            nvmirror::daemon::run_node(config)?;
         }
         Command::CheckConfig { config } => {
             let config = Config::load(&config)?;
@@ -213,7 +213,7 @@ fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
             let faults = faults
                 .iter()
                 .map(|name| {
-                    nvmirror::drill::Fault::parse(name).ok_or_else(|| {
+                    nvmirror::testing::drill::Fault::parse(name).ok_or_else(|| {
                         format!("unknown fault `{name}` (known: kill9, sigstop, cut)")
                     })
                 })
@@ -225,7 +225,7 @@ fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
                 std::env::temp_dir().join(format!("nvmirror-drill-{}", std::process::id()))
             });
             let seed = seed.unwrap_or_else(rand::random);
-            let options = nvmirror::drill::DrillOptions {
+            let options = nvmirror::testing::drill::DrillOptions {
                 dir,
                 cycles,
                 duration: duration.map(std::time::Duration::from_secs),
@@ -235,7 +235,7 @@ fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
                 transport,
                 profile_takeover,
             };
-            let (passed, report) = nvmirror::drill::run(&options)?;
+            let (passed, report) = nvmirror::testing::drill::run(&options)?;
             print!("{report}");
             if !passed {
                 return Err(format!(
@@ -260,8 +260,8 @@ fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
             let count = if soak { u64::MAX } else { seeds };
             let started = std::time::Instant::now();
             for seed in (0..count).map(|i| first.wrapping_add(i)) {
-                let options = nvmirror::sim::SimOptions { seed, steps, bug };
-                match nvmirror::sim::run(&options) {
+                let options = nvmirror::testing::sim::SimOptions { seed, steps, bug };
+                match nvmirror::testing::sim::run(&options) {
                     Ok(report) => println!("ok   {report}"),
                     Err(failure) => {
                         println!("FAIL {failure}");

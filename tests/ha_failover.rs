@@ -7,9 +7,9 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use nix::sys::signal::Signal;
-use nvmirror::harness::{PairHarness, PairSpec};
 use nvmirror::nbd::client::NbdClient;
-use nvmirror::workload::{self, Ledger};
+use nvmirror::testing::harness::{PairHarness, PairSpec};
+use nvmirror::testing::workload::{self, Ledger};
 
 const VOLUME_BYTES: u64 = 32 << 20;
 const START: Duration = Duration::from_secs(30);

@@ -84,7 +84,7 @@ fn pair_mirrors_marks_out_of_sync_and_resyncs() {
     });
     let aggregate = dir.path().join("aggregate");
     let mailbox = || {
-        nvmirror::mailbox::read(&aggregate, 1)
+        nvmirror::ha::mailbox::read(&aggregate, 1)
             .expect("mailbox")
             .expect("written")
     };

@@ -1,4 +1,4 @@
-//! The deterministic simulation of the pair (`nvmirror::sim`) as a test:
+//! The deterministic simulation of the pair (`nvmirror::testing::sim`) as a test:
 //! a fixed budget of seeds must pass, each seed must replay exactly, and
 //! deliberately broken nodes must be caught within the same budget.
 //!
@@ -7,7 +7,7 @@
 //! stopped.
 
 use nvmirror::node::InjectedBug;
-use nvmirror::sim::{self, SimOptions};
+use nvmirror::testing::sim::{self, SimOptions};
 
 const STEPS: u64 = 3000;
 

@@ -24,7 +24,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use common::*;
-use nvmirror::harness::{PairHarness, PairSpec};
+use nvmirror::testing::harness::{PairHarness, PairSpec};
 
 const HALF_BYTES: u64 = 16 << 20;
 const WRITTEN_BYTES: u64 = 12 << 20;

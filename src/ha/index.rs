@@ -23,8 +23,8 @@
 use std::path::{Path, PathBuf};
 
 use crate::error::{Error, Result};
-use crate::extents::Source;
 use crate::fsutil::{read_small, write_atomically};
+use crate::storage::extents::Source;
 
 const MAGIC: [u8; 8] = *b"NVMIDX01";
 const HEADER_BYTES: usize = 32;

@@ -40,6 +40,7 @@
 //! log (its records reached the volumes through S's replay), and serves.
 
 pub mod index;
+pub mod mailbox;
 pub mod ownership;
 
 use std::net::SocketAddr;
@@ -53,12 +54,12 @@ use parking_lot::{Condvar, Mutex};
 use serde_json::json;
 
 use crate::error::{Error, Result};
-use crate::extents::{Origin, Source};
-use crate::mailbox::{self, MailboxState};
 use crate::nbd::{NbdServer, ServerConfig};
 use crate::node::{index_records, spawn, Execution, InjectedBug, NodeInner};
-use crate::volume::Volume;
+use crate::storage::extents::{Origin, Source};
+use crate::storage::volume::Volume;
 use index::{IndexEntry, TakeoverIndex};
+use mailbox::MailboxState;
 use ownership::{Fence, Ownership};
 
 /// What this node does with its own volumes.
@@ -781,7 +782,7 @@ fn bind_partner_listener(inner: &Arc<NodeInner>, partner_mailbox: &MailboxState)
     let Ok(addr) = partner_mailbox.nbd_listen.parse::<SocketAddr>() else {
         return;
     };
-    let exports = Arc::new(crate::serve::NodeExports::new(inner.clone()));
+    let exports = Arc::new(crate::daemon::NodeExports::new(inner.clone()));
     match NbdServer::bind(addr, exports, ServerConfig::default()) {
         Ok(server) => {
             tracing::info!(%addr, "serving the partner's NBD address");

@@ -17,7 +17,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
 use crate::fsutil::{read_small, write_atomically};
-use crate::mailbox::now_unix_ms;
+use crate::ha::mailbox::now_unix_ms;
 
 pub const OWNER_FORMAT_VERSION: u32 = 1;
 const OWNER_MAX_BYTES: u64 = 16 * 1024;

@@ -7,8 +7,8 @@ use std::path::PathBuf;
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use nvmirror::harness::{NodeProcess, PairHarness, PairSpec};
-use nvmirror::mailbox::MailboxState;
+use nvmirror::ha::mailbox::MailboxState;
+use nvmirror::testing::harness::{NodeProcess, PairHarness, PairSpec};
 
 pub const VOLUME_BYTES: u64 = 16 << 20;
 pub const HALF_BYTES: u64 = 1 << 20;

@@ -24,9 +24,9 @@ use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
 
 use crate::error::{Error, Result};
-use crate::harness::{PairHarness, PairSpec};
 use crate::nbd::client::NbdClient;
-use crate::workload::{self, block_pattern, Ledger, BLOCK_BYTES};
+use crate::testing::harness::{PairHarness, PairSpec};
+use crate::testing::workload::{self, block_pattern, Ledger, BLOCK_BYTES};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Fault {
@@ -410,7 +410,7 @@ fn run_cycle(
     let span = tracing::info_span!("drill_cycle", cycle, fault = fault.name(), victim);
     let _entered = span.enter();
     let volume = volume_of(victim);
-    let volume_id = crate::volume::volume_id(victim, 0);
+    let volume_id = crate::storage::volume::volume_id(victim, 0);
     let blocks = VOLUME_BYTES / BLOCK_BYTES as u64;
     let per_writer = blocks / options.writers.max(1);
     // Writers continue the ledgers of earlier cycles on this volume.
@@ -605,7 +605,7 @@ fn profile_takeover(options: &DrillOptions) -> Result<(bool, String)> {
         let writes = (target_bytes / record_bytes).max(1);
         let mut ledger = Ledger {
             volume: "vol1".into(),
-            volume_id: crate::volume::volume_id(1, 0),
+            volume_id: crate::storage::volume::volume_id(1, 0),
             first_block: 0,
             blocks: VOLUME_BYTES / BLOCK_BYTES as u64,
             state: Default::default(),

@@ -1,7 +1,7 @@
 //! A volume's backing file in the aggregate directory, its dirty map, and
 //! the fence that keeps a stale owner off it.
 //!
-//! The backing is a real file, or in the simulation ([`crate::sim`]) a
+//! The backing is a real file, or in the simulation ([`crate::testing::sim`]) a
 //! simulated disk with the same interface, which loses unsynced writes when
 //! their node loses power and can be told to fail.
 
@@ -13,9 +13,9 @@ use std::sync::Arc;
 use parking_lot::{Mutex, RwLock};
 
 use crate::error::{Error, Result};
-use crate::extents::ExtentMap;
 use crate::ha::ownership::Fence;
-use crate::sim::{Shelf, SimDisk};
+use crate::storage::extents::ExtentMap;
+use crate::testing::sim::{Shelf, SimDisk};
 
 /// Where volume files live: the file system (the aggregate directory), or
 /// the simulation's shelf of simulated disks.

@@ -29,13 +29,13 @@ use parking_lot::{Condvar, Mutex, RwLock};
 use crate::clock::Clock;
 use crate::config::{Config, Durability};
 use crate::error::{Error, Result};
-use crate::extents::{Origin, Source};
+use crate::ha::mailbox::{Mailbox, MailboxState, VolumeInfo, MAILBOX_FORMAT_VERSION};
 use crate::ha::Ha;
-use crate::mailbox::{Mailbox, MailboxState, VolumeInfo, MAILBOX_FORMAT_VERSION};
+use crate::mirror::transport::{LinkConfig, Receiver};
 use crate::mirror::{Link, Mirror, Partner};
+use crate::storage::extents::{Origin, Source};
+use crate::storage::volume::{Disks, Volume};
 use crate::sys::area_memory;
-use crate::transport::{LinkConfig, Receiver};
-use crate::volume::{Disks, Volume};
 
 /// How a node runs.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -324,7 +324,7 @@ impl NodeInner {
     ) -> Result<(Arc<NodeInner>, EventReceiver<ControlEvent>)> {
         let (log, _recovery) = Log::open(region.clone())?;
         let (events_tx, events_rx) = crossbeam_channel::unbounded();
-        let boot = crate::mailbox::read(&config.aggregate_dir, config.node_id)
+        let boot = crate::ha::mailbox::read(&config.aggregate_dir, config.node_id)
             .ok()
             .flatten()
             .map_or(1, |previous| previous.boot + 1);

@@ -1,7 +1,7 @@
 //! Which interconnect transport the node uses: TCP, or RDMA when built
 //! with the `rdma` feature. The mirror dials with it and the node listens
 //! with it; the rest of the node sees only `interconnect::Transport`. The
-//! simulation ([`crate::sim`]) links its nodes with in-process links.
+//! simulation ([`crate::testing::sim`]) links its nodes with in-process links.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -13,7 +13,7 @@ use interconnect::{
 
 use crate::config::{Config, TransportKind};
 use crate::error::Result;
-use crate::sim::SimNet;
+use crate::testing::sim::SimNet;
 
 /// How to reach the partner and how to be reached.
 #[derive(Debug, Clone)]

@@ -22,6 +22,8 @@
 //! cannot be mirrored: it takes the link down at once, under the same lock,
 //! so no later write is acknowledged on a mirror with a hole in it.
 
+pub mod transport;
+
 use std::net::SocketAddr;
 use std::ops::Range;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
@@ -34,8 +36,8 @@ use parking_lot::{Condvar, Mutex};
 
 use crate::clock::Clock;
 use crate::error::Result;
-use crate::mailbox::Mailbox;
-use crate::transport::LinkConfig;
+use crate::ha::mailbox::Mailbox;
+use crate::mirror::transport::LinkConfig;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[repr(u8)]
@@ -81,7 +83,7 @@ pub struct Partner {
 
 impl Partner {
     fn boot(&self) -> Option<u64> {
-        crate::mailbox::read(&self.aggregate_dir, self.node_id)
+        crate::ha::mailbox::read(&self.aggregate_dir, self.node_id)
             .ok()
             .flatten()
             .map(|mailbox| mailbox.boot)

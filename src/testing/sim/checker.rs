@@ -14,7 +14,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use crate::workload::{block_pattern, BLOCK_BYTES};
+use crate::testing::workload::{block_pattern, BLOCK_BYTES};
 
 #[derive(Debug, Default, Clone)]
 struct Block {

@@ -55,10 +55,10 @@ pub use rng::SplitMix64;
 use crate::clock::Clock;
 use crate::config::{Config, Durability};
 use crate::error::Error;
+use crate::mirror::transport::LinkConfig;
 use crate::node::{Execution, InjectedBug, NodeInner, PendingWrite, Runtime};
-use crate::transport::LinkConfig;
-use crate::volume::{volume_id, Disks, Volume};
-use crate::workload::BLOCK_BYTES;
+use crate::storage::volume::{volume_id, Disks, Volume};
+use crate::testing::workload::BLOCK_BYTES;
 
 /// Blocks per simulated volume (4 KiB each).
 const VOLUME_BLOCKS: u64 = 24;
@@ -961,7 +961,7 @@ impl World {
         let partner_id = self.nodes[partner].id;
         // What the takeover trusts without force (see ha::takeover).
         let my_boot = inner.mailbox.current().boot;
-        let in_sync = crate::mailbox::read(&inner.config.aggregate_dir, partner_id)
+        let in_sync = crate::ha::mailbox::read(&inner.config.aggregate_dir, partner_id)
             .ok()
             .flatten()
             .is_some_and(|m| m.mirror_in_sync && m.in_sync_with_boot == Some(my_boot));

@@ -12,7 +12,7 @@ use crate::config::Config;
 use crate::error::{Error, Result};
 use crate::nbd::{Errno, Export, ExportError, Exports, NbdServer, ServerConfig};
 use crate::node::{Node, NodeInner};
-use crate::volume::Volume;
+use crate::storage::volume::Volume;
 
 /// One volume served by the node, as an NBD export.
 #[derive(Debug)]
