@@ -11,10 +11,10 @@ use std::path::Path;
 
 use fuzz_checks::{encode_info_request, encode_option, encode_request, INDEX_APPEND_CRC};
 use nvmirror::ha::index::{IndexEntry, TakeoverIndex};
-use nvmirror::ha::mailbox::{self, Mailbox, MailboxState, VolumeInfo, MAILBOX_FORMAT_VERSION};
-use nvmirror::ha::ownership;
 use nvmirror::nbd::proto::*;
 use nvmirror::storage::extents::Source;
+use nvmirror::storage::mailbox::{self, Mailbox, MailboxState, VolumeInfo, MAILBOX_FORMAT_VERSION};
+use nvmirror::storage::ownership;
 
 type Seeds = Vec<(&'static str, Vec<u8>)>;
 

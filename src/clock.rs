@@ -1,45 +1,27 @@
-//! Where the node's decisions read the time: the machine's clock, or the
-//! simulation's, which moves only when the simulation advances it.
+//! Where the node's decisions read the time.
 //!
-//! The HA monitor's failure detection and interconnect cuts read it; the
-//! simulation steps consistency points itself (the thread's timer uses
-//! `Instant`), and latencies for metrics and status use `Instant` too.
+//! The HA monitor's failure detection, interconnect cuts and the resync's
+//! progress read a [`Clock`]; a running node reads the machine's
+//! ([`SystemClock`]), and anything that steps a node by hand may pass a
+//! clock it moves itself. Latencies for metrics and status use `Instant`.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::fmt::Debug;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
-#[derive(Debug, Clone, Default)]
-pub enum Clock {
-    #[default]
-    Real,
-    /// A fixed origin plus the simulated milliseconds since it: durations
-    /// between two readings depend only on the simulation.
-    Simulated {
-        origin: Instant,
-        elapsed_ms: Arc<AtomicU64>,
-    },
+pub trait Clock: Send + Sync + Debug {
+    fn now(&self) -> Instant;
 }
 
-impl Clock {
-    /// A simulated clock at its origin, and the handle that advances it.
-    pub fn simulated() -> (Clock, Arc<AtomicU64>) {
-        let elapsed_ms = Arc::new(AtomicU64::new(0));
-        (
-            Clock::Simulated {
-                origin: Instant::now(),
-                elapsed_ms: elapsed_ms.clone(),
-            },
-            elapsed_ms,
-        )
-    }
+/// The clock a node's decisions read, shared by its parts.
+pub type SharedClock = Arc<dyn Clock>;
 
-    pub fn now(&self) -> Instant {
-        match self {
-            Clock::Real => Instant::now(),
-            Clock::Simulated { origin, elapsed_ms } => {
-                *origin + Duration::from_millis(elapsed_ms.load(Ordering::Acquire))
-            }
-        }
+/// The machine's monotonic clock.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct SystemClock;
+
+impl Clock for SystemClock {
+    fn now(&self) -> Instant {
+        Instant::now()
     }
 }

@@ -1,23 +1,171 @@
-//! `nvmirror node`: run one node in the foreground until SIGTERM or SIGINT,
-//! with its NBD front end and its admin endpoint.
+//! The daemon: one node of the pair as a process. It wires the node's
+//! threads (consistency points, the mirror's connector, interconnect
+//! events, the HA monitor, the replay), puts the NBD front end and the
+//! admin endpoint in front of it, and runs until SIGTERM or SIGINT
+//! (`nvmirror node`).
 
-use std::sync::atomic::Ordering;
+use std::net::SocketAddr;
 use std::sync::Arc;
+use std::thread::JoinHandle;
 use std::time::Duration;
 
 use nix::sys::signal::{SigSet, Signal};
+use nvlog::{Geometry, Region};
+use parking_lot::Mutex;
 
-use crate::admin::{AdminHandler, AdminRefusal, AdminServer, MetricsText};
+use crate::admin::metrics::node_metrics;
+use crate::admin::{AdminHandler, AdminRefusal, AdminServer};
+use crate::clock::SystemClock;
 use crate::config::Config;
 use crate::error::{Error, Result};
+use crate::ha::{HaNode, HaOptions, PartnerService, ReplayDriver, Role};
+use crate::mirror::transport::NetworkInterconnect;
 use crate::nbd::{Errno, Export, ExportError, Exports, NbdServer, ServerConfig};
-use crate::node::{Node, NodeInner};
+use crate::node::{spawn, Environment, Node};
+use crate::storage::disk::FileDisks;
 use crate::storage::volume::Volume;
+
+/// A node running on this machine: its threads, HA over it, and the NBD
+/// listener of the partner's address while it holds the partner's volumes.
+/// Dropping it without [`RunningNode::shutdown`] stops the threads without
+/// a final consistency point (as a crash would, minus the crash).
+#[derive(Debug)]
+pub struct RunningNode {
+    ha: Arc<HaNode>,
+    threads: Mutex<Vec<JoinHandle<()>>>,
+}
+
+impl RunningNode {
+    /// Open the NVRAM, find out which volumes this node serves, recover the
+    /// log onto them, start mirroring, consistency points and the HA
+    /// monitor. Serving NBD on its own address is up to the caller.
+    pub fn start(config: Config) -> Result<RunningNode> {
+        let span = tracing::info_span!("node_start", node_id = config.node_id);
+        let _entered = span.enter();
+        std::fs::create_dir_all(&config.data_dir).map_err(|source| Error::Io {
+            what: "creating the data directory",
+            path: config.data_dir.clone(),
+            source,
+        })?;
+        let geometry = Geometry::new(config.nvram.half_size.0)?;
+        let region = Arc::new(Region::open(
+            &config.nvram_path(),
+            config.node_id,
+            geometry,
+        )?);
+        // The key was checked by Config::validate; a key file changed since
+        // is refused here.
+        let environment = Environment {
+            clock: Arc::new(SystemClock),
+            disks: Arc::new(FileDisks),
+            interconnect: Arc::new(NetworkInterconnect::from_config(&config)?),
+        };
+        let (node, events) = Node::open(config, region, environment)?;
+        let ha = HaNode::start(
+            node.clone(),
+            HaOptions {
+                replay: ReplayDriver::Thread,
+                partner_service: Some(Arc::new(NbdPartnerService::default())),
+            },
+        )?;
+        let threads = vec![
+            spawn("cp", {
+                let node = node.clone();
+                move || node.run_checkpoints()
+            }),
+            spawn("mirror-connect", {
+                let node = node.clone();
+                move || node.run_connector()
+            }),
+            spawn("ic-events", {
+                let node = node.clone();
+                move || node.run_interconnect_events(events)
+            }),
+            spawn("ha", {
+                let ha = ha.clone();
+                move || ha.run_monitor()
+            }),
+        ];
+        tracing::info!(
+            node_id = node.config.node_id,
+            volumes = node.volumes().len(),
+            role = ha.role().as_str(),
+            mode = node.region.mode().as_str(),
+            "node started"
+        );
+        Ok(RunningNode {
+            ha,
+            threads: Mutex::new(threads),
+        })
+    }
+
+    pub fn node(&self) -> &Arc<Node> {
+        &self.ha.node
+    }
+
+    pub fn ha(&self) -> &Arc<HaNode> {
+        &self.ha
+    }
+
+    /// Clean shutdown: a final consistency point, then stop every thread.
+    pub fn shutdown(&self) -> Result<()> {
+        let result = self.ha.shutdown();
+        self.join_threads();
+        result
+    }
+
+    fn join_threads(&self) {
+        self.ha.stop();
+        for thread in self.threads.lock().drain(..) {
+            let _ = thread.join();
+        }
+        self.ha.node.shutdown_receiver();
+    }
+}
+
+impl Drop for RunningNode {
+    fn drop(&mut self) {
+        self.join_threads();
+    }
+}
+
+/// Serves the partner's volumes on the partner's NBD address after a
+/// takeover, when this host can bind it.
+#[derive(Debug, Default)]
+struct NbdPartnerService {
+    server: Mutex<Option<NbdServer>>,
+}
+
+impl PartnerService for NbdPartnerService {
+    fn serve_partner(&self, node: &Arc<Node>, nbd_addr: SocketAddr) {
+        let exports = Arc::new(NodeExports::new(node.clone()));
+        match NbdServer::bind(nbd_addr, exports, ServerConfig::default()) {
+            Ok(server) => {
+                tracing::info!(%nbd_addr, "serving the partner's NBD address");
+                if let Some(old) = self.server.lock().replace(server) {
+                    old.shutdown();
+                }
+            }
+            Err(error) => tracing::info!(
+                %nbd_addr,
+                %error,
+                ours = %node.config.nbd.listen,
+                "cannot bind the partner's NBD address; its volumes are served on ours"
+            ),
+        }
+    }
+
+    fn stop_serving_partner(&self) {
+        if let Some(server) = self.server.lock().take() {
+            server.shutdown();
+        }
+    }
+}
 
 /// One volume served by the node, as an NBD export.
 #[derive(Debug)]
 pub struct VolumeExport {
-    node: Arc<NodeInner>,
+    node: Arc<Node>,
     volume: Arc<Volume>,
 }
 
@@ -69,11 +217,11 @@ impl Export for VolumeExport {
 /// partner's after a takeover.
 #[derive(Debug)]
 pub struct NodeExports {
-    node: Arc<NodeInner>,
+    node: Arc<Node>,
 }
 
 impl NodeExports {
-    pub fn new(node: Arc<NodeInner>) -> NodeExports {
+    pub fn new(node: Arc<Node>) -> NodeExports {
         NodeExports { node }
     }
 }
@@ -103,7 +251,7 @@ impl Exports for NodeExports {
 /// The admin endpoint's view of the node.
 #[derive(Debug)]
 pub struct NodeAdmin {
-    node: Arc<NodeInner>,
+    ha: Arc<HaNode>,
 }
 
 fn refusal(error: Error) -> AdminRefusal {
@@ -119,11 +267,11 @@ fn refusal(error: Error) -> AdminRefusal {
 
 impl AdminHandler for NodeAdmin {
     fn status(&self) -> serde_json::Value {
-        crate::ha::status(&self.node)
+        self.ha.status()
     }
 
     fn metrics(&self) -> String {
-        metrics(&self.node)
+        node_metrics(&self.ha)
     }
 
     fn takeover(&self, force: bool) -> Result<String, AdminRefusal> {
@@ -132,17 +280,17 @@ impl AdminHandler for NodeAdmin {
         } else {
             "operator: takeover"
         };
-        crate::ha::takeover(&self.node, force, reason).map_err(refusal)
+        self.ha.takeover(force, reason).map_err(refusal)
     }
 
     fn giveback(&self) -> Result<String, AdminRefusal> {
-        crate::ha::giveback(&self.node).map_err(refusal)
+        self.ha.giveback().map_err(refusal)
     }
 
     fn fault(&self, name: &str, duration_ms: u64) -> Result<String, AdminRefusal> {
         match name {
             "cut-interconnect" => {
-                crate::ha::cut_interconnect(&self.node, Duration::from_millis(duration_ms));
+                self.ha.cut_interconnect(Duration::from_millis(duration_ms));
                 Ok(format!("interconnect cut for {duration_ms} ms"))
             }
             other => Err(AdminRefusal {
@@ -151,132 +299,6 @@ impl AdminHandler for NodeAdmin {
             }),
         }
     }
-}
-
-/// The node's metrics in the Prometheus text format.
-pub fn metrics(node: &NodeInner) -> String {
-    let mut text = MetricsText::new();
-    let stats = &node.stats;
-    let load = |counter: &std::sync::atomic::AtomicU64| counter.load(Ordering::Relaxed);
-    text.counter(
-        "nvmirror_writes_total",
-        "Writes acknowledged.",
-        &[],
-        load(&stats.writes),
-    );
-    text.counter(
-        "nvmirror_write_bytes_total",
-        "Bytes of writes acknowledged.",
-        &[],
-        load(&stats.write_bytes),
-    );
-    text.counter(
-        "nvmirror_write_errors_total",
-        "Writes that failed.",
-        &[],
-        load(&stats.write_errors),
-    );
-    text.counter(
-        "nvmirror_acks_total",
-        "Acknowledgements by what made the write safe.",
-        &[("by", "mirror")],
-        load(&stats.acks_mirrored),
-    );
-    text.counter(
-        "nvmirror_acks_total",
-        "Acknowledgements by what made the write safe.",
-        &[("by", "local_persist")],
-        load(&stats.acks_persisted),
-    );
-    text.counter(
-        "nvmirror_reads_total",
-        "Reads served.",
-        &[],
-        load(&stats.reads),
-    );
-    text.counter(
-        "nvmirror_read_bytes_total",
-        "Bytes read.",
-        &[],
-        load(&stats.read_bytes),
-    );
-    text.counter(
-        "nvmirror_flushes_total",
-        "Flushes served.",
-        &[],
-        load(&stats.flushes),
-    );
-    text.histogram(
-        "nvmirror_write_latency_us",
-        "Write latency, request to acknowledgement, in microseconds.",
-        &[],
-        &node.write_latency_us,
-    );
-    text.counter(
-        "nvmirror_checkpoints_total",
-        "Consistency points done.",
-        &[],
-        load(&stats.checkpoints),
-    );
-    text.counter(
-        "nvmirror_checkpoint_us_total",
-        "Time spent in consistency points, in microseconds.",
-        &[],
-        load(&stats.checkpoint_us_total),
-    );
-    text.gauge(
-        "nvmirror_send_slots_in_use",
-        "Send-queue slots in flight.",
-        &[],
-        node.mirror.slots_in_use() as u64,
-    );
-    text.gauge(
-        "nvmirror_mirror_in_sync",
-        "1 when the partner's mirror holds every acknowledged write.",
-        &[],
-        node.mailbox.current().mirror_in_sync,
-    );
-    let log = node.log.status();
-    text.gauge(
-        "nvmirror_log_used_bytes",
-        "Bytes used in the filling half of the log.",
-        &[],
-        log.halves[log.filling].used_bytes,
-    );
-    text.gauge(
-        "nvmirror_log_half_bytes",
-        "Bytes of one log half.",
-        &[],
-        log.half_len,
-    );
-    let status = crate::ha::status(node);
-    text.gauge(
-        "nvmirror_holding_partner_volumes",
-        "1 while this node serves its partner's volumes after a takeover.",
-        &[],
-        status["takeover"]["holding_partner_volumes"]
-            .as_bool()
-            .unwrap_or(false),
-    );
-    text.gauge(
-        "nvmirror_replay_total_bytes",
-        "Bytes of the partner's mirror to replay after the last takeover.",
-        &[],
-        status["replay"]["total_bytes"].as_u64().unwrap_or(0),
-    );
-    text.gauge(
-        "nvmirror_replay_done_bytes",
-        "Bytes of the partner's mirror replayed so far.",
-        &[],
-        status["replay"]["done_bytes"].as_u64().unwrap_or(0),
-    );
-    text.counter(
-        "nvmirror_takeovers_total",
-        "Takeovers done by this node since it started.",
-        &[],
-        u64::from(status["last_takeover"].is_object()),
-    );
-    text.finish()
 }
 
 /// Run a node until SIGTERM or SIGINT, then shut it down cleanly: stop
@@ -292,9 +314,9 @@ pub fn run_node(config: Config) -> Result<()> {
     })?;
     let listen = config.nbd.listen;
     let admin_listen = config.ha.admin_listen;
-    let node = Node::start(config)?;
-    let exports: Arc<dyn crate::nbd::Exports> = Arc::new(NodeExports::new(node.inner().clone()));
-    let server = Arc::new(parking_lot::Mutex::new(None::<NbdServer>));
+    let running = RunningNode::start(config)?;
+    let exports: Arc<dyn crate::nbd::Exports> = Arc::new(NodeExports::new(running.node().clone()));
+    let server = Arc::new(Mutex::new(None::<NbdServer>));
     match NbdServer::bind(listen, exports.clone(), ServerConfig::default()) {
         Ok(bound) => *server.lock() = Some(bound),
         // While this node waits for a giveback, its partner may serve this
@@ -302,11 +324,11 @@ pub fn run_node(config: Config) -> Result<()> {
         // partner lets it go.
         Err(error)
             if error.kind() == std::io::ErrorKind::AddrInUse
-                && node.inner().ha.role() == crate::ha::Role::WaitingForGiveback =>
+                && running.ha().role() == Role::WaitingForGiveback =>
         {
             tracing::info!(%listen, "the NBD address is in use (the partner serves it); binding it after the giveback");
             let server = server.clone();
-            let node = node.inner().clone();
+            let node = running.node().clone();
             std::thread::spawn(move || {
                 while !node.is_stopping() && server.lock().is_none() {
                     match NbdServer::bind(listen, exports.clone(), ServerConfig::default()) {
@@ -331,21 +353,21 @@ pub fn run_node(config: Config) -> Result<()> {
             AdminServer::bind(
                 addr,
                 Arc::new(NodeAdmin {
-                    node: node.inner().clone(),
+                    ha: running.ha().clone(),
                 }),
             )
             .map_err(|source| Error::Listen { addr, source })?,
         ),
         None => None,
     };
-    let names: Vec<String> = node
-        .inner()
+    let names: Vec<String> = running
+        .node()
         .volumes()
         .iter()
         .map(|v| v.name.clone())
         .collect();
     tracing::info!(
-        node_id = node.inner().config.node_id,
+        node_id = running.node().config.node_id,
         nbd = %listen,
         admin = ?admin.as_ref().map(|a| a.local_addr()),
         volumes = ?names,
@@ -361,7 +383,7 @@ pub fn run_node(config: Config) -> Result<()> {
     if let Some(server) = server.lock().take() {
         server.shutdown();
     }
-    node.shutdown()?;
+    running.shutdown()?;
     tracing::info!("clean shutdown done");
     Ok(())
 }

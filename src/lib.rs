@@ -9,6 +9,7 @@ pub mod error;
 pub mod fsutil;
 pub mod ha;
 pub mod inspect;
+pub mod metrics;
 pub mod mirror;
 pub mod nbd;
 pub mod node;

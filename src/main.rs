@@ -254,8 +254,8 @@ fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
             init_logging(Some("off"));
             let first = seed.unwrap_or_else(rand::random);
             let bug = inject_bug.map(|bug| match bug {
-                BugArg::AckBeforePlaced => nvmirror::node::InjectedBug::AckBeforePlaced,
-                BugArg::SkipEpochCheck => nvmirror::node::InjectedBug::SkipEpochCheck,
+                BugArg::AckBeforePlaced => nvmirror::testing::sim::InjectedBug::AckBeforePlaced,
+                BugArg::SkipEpochCheck => nvmirror::testing::sim::InjectedBug::SkipEpochCheck,
             });
             let count = if soak { u64::MAX } else { seeds };
             let started = std::time::Instant::now();

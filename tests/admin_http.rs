@@ -7,10 +7,8 @@ use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant};
 
-use nvmirror::admin::{
-    request, AdminClientError, AdminHandler, AdminRefusal, AdminServer, CONNECTIONS_MAX,
-    HEADER_SECTION_BYTES_MAX, REQUEST_LINE_BYTES_MAX,
-};
+use nvmirror::admin::http::{CONNECTIONS_MAX, HEADER_SECTION_BYTES_MAX, REQUEST_LINE_BYTES_MAX};
+use nvmirror::admin::{request, AdminClientError, AdminHandler, AdminRefusal, AdminServer};
 use parking_lot::Mutex;
 use serde_json::json;
 

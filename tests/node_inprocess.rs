@@ -1,12 +1,23 @@
 //! Two nodes in one process over real TCP on loopback, with real files:
 //! the write path, mirroring, out-of-sync marking, resync, recovery.
 
+use std::net::SocketAddr;
 use std::path::Path;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use crossbeam_channel::Sender;
+use interconnect::{ControlEvent, SharedMemory, Transport};
+use nvlog::{Geometry, Region};
+use nvmirror::clock::SystemClock;
 use nvmirror::config::Config;
+use nvmirror::daemon::RunningNode;
+use nvmirror::ha::{HaNode, HaOptions, ReplayDriver};
+use nvmirror::mirror::transport::{Interconnect, MirrorListener, NetworkInterconnect};
 use nvmirror::mirror::Link;
-use nvmirror::node::Node;
+use nvmirror::node::{Environment, Node};
+use nvmirror::storage::disk::FileDisks;
+use parking_lot::Mutex;
 
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
@@ -76,15 +87,15 @@ fn pair_mirrors_marks_out_of_sync_and_resyncs() {
         ic: [free_port(), free_port()],
         nbd: [free_port(), free_port()],
     };
-    let a = Node::start(config(dir.path(), 1, &ports)).expect("node 1");
-    let b = Node::start(config(dir.path(), 2, &ports)).expect("node 2");
-    let a_inner = a.inner().clone();
+    let a = RunningNode::start(config(dir.path(), 1, &ports)).expect("node 1");
+    let b = RunningNode::start(config(dir.path(), 2, &ports)).expect("node 2");
+    let a_inner = a.node().clone();
     wait_for("node 1 in sync", Duration::from_secs(10), || {
         a_inner.link() == Link::InSync
     });
     let aggregate = dir.path().join("aggregate");
     let mailbox = || {
-        nvmirror::ha::mailbox::read(&aggregate, 1)
+        nvmirror::storage::mailbox::read(&aggregate, 1)
             .expect("mailbox")
             .expect("written")
     };
@@ -126,7 +137,7 @@ fn pair_mirrors_marks_out_of_sync_and_resyncs() {
 
     // The partner's mirror is byte-identical to the live log.
     let local = a_inner.region.snapshot(a_inner.region.local_log());
-    let b_inner = b.inner().clone();
+    let b_inner = b.node().clone();
     wait_for("mirror to match", Duration::from_secs(5), || {
         a_inner.log.with_order_lock(|| {
             b_inner.region.snapshot(b_inner.region.mirror())
@@ -149,12 +160,12 @@ fn pair_mirrors_marks_out_of_sync_and_resyncs() {
     assert!(state.out_of_sync_reason.is_some());
 
     // Partner back: in sync again, and its mirror matches.
-    let b = Node::start(config(dir.path(), 2, &ports)).expect("node 2 again");
+    let b = RunningNode::start(config(dir.path(), 2, &ports)).expect("node 2 again");
     wait_for("node 1 in sync again", Duration::from_secs(10), || {
         a_inner.link() == Link::InSync
     });
     assert!(mailbox().mirror_in_sync);
-    let b_inner = b.inner().clone();
+    let b_inner = b.node().clone();
     a_inner
         .write(&vols[1], 512, &pattern(7, 3000), false)
         .expect("write");
@@ -173,11 +184,11 @@ fn pair_mirrors_marks_out_of_sync_and_resyncs() {
     drop(a);
 
     // Restart node 1: everything reads back from the volume files.
-    let a = Node::start(config(dir.path(), 1, &ports)).expect("node 1 again");
+    let a = RunningNode::start(config(dir.path(), 1, &ports)).expect("node 1 again");
     for (volume, bytes) in expected.iter().enumerate() {
         let mut read = vec![0u8; bytes.len()];
-        a.inner()
-            .read(&a.inner().volumes()[volume], 0, &mut read)
+        a.node()
+            .read(&a.node().volumes()[volume], 0, &mut read)
             .expect("read");
         assert!(read == *bytes, "volume {volume} lost data across a restart");
     }
@@ -192,8 +203,8 @@ fn out_of_range_and_bad_volume_sizes_are_refused() {
         ic: [free_port(), free_port()],
         nbd: [free_port(), free_port()],
     };
-    let a = Node::start(config(dir.path(), 1, &ports)).expect("node 1");
-    let inner = a.inner().clone();
+    let a = RunningNode::start(config(dir.path(), 1, &ports)).expect("node 1");
+    let inner = a.node().clone();
     let vols = inner.volumes();
     assert!(inner
         .write(&vols[1], (1 << 20) - 100, &[1; 200], false)
@@ -208,6 +219,100 @@ fn out_of_range_and_bad_volume_sizes_are_refused() {
     // A volume file whose size disagrees with the config is refused.
     let mut bigger = config(dir.path(), 1, &ports);
     bigger.volumes[1].size = nvmirror::config::ByteSize(2 << 20);
-    let error = Node::start(bigger).expect_err("size mismatch");
+    let error = RunningNode::start(bigger).expect_err("size mismatch");
     assert!(error.to_string().contains("configured with"), "{error}");
+}
+
+/// Dials through the network, after running a closure once (the test's
+/// way into the window between reading the partner's mailbox and dialing).
+struct DialAfter {
+    network: NetworkInterconnect,
+    before_dial: Mutex<Option<Box<dyn FnOnce() + Send>>>,
+}
+
+impl std::fmt::Debug for DialAfter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DialAfter").finish_non_exhaustive()
+    }
+}
+
+impl Interconnect for DialAfter {
+    fn connect(
+        &self,
+        partner: SocketAddr,
+        local_log: SharedMemory,
+        events: Sender<ControlEvent>,
+    ) -> nvmirror::Result<Arc<dyn Transport>> {
+        if let Some(before_dial) = self.before_dial.lock().take() {
+            before_dial();
+        }
+        self.network.connect(partner, local_log, events)
+    }
+
+    fn listen(
+        &self,
+        addr: SocketAddr,
+        mirror: SharedMemory,
+        events: Sender<ControlEvent>,
+    ) -> nvmirror::Result<Box<dyn MirrorListener>> {
+        self.network.listen(addr, mirror, events)
+    }
+}
+
+/// The mirror is declared in sync with the start of the partner that
+/// accepted the session, even when the partner (re)starts while we dial:
+/// a stale boot there makes every later takeover refuse the mirror.
+#[test]
+fn in_sync_names_the_boot_of_the_partner_that_accepted_the_session() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let ports = Ports {
+        ic: [free_port(), free_port()],
+        nbd: [free_port(), free_port()],
+    };
+    let config1 = config(dir.path(), 1, &ports);
+    let partner = Arc::new(Mutex::new(None::<RunningNode>));
+    let before_dial: Box<dyn FnOnce() + Send> = {
+        let partner = partner.clone();
+        let config2 = config(dir.path(), 2, &ports);
+        // The partner's first start: no mailbox when node 1 looked.
+        Box::new(move || *partner.lock() = Some(RunningNode::start(config2).expect("node 2")))
+    };
+    let environment = Environment {
+        clock: Arc::new(SystemClock),
+        disks: Arc::new(FileDisks),
+        interconnect: Arc::new(DialAfter {
+            network: NetworkInterconnect::from_config(&config1).expect("interconnect"),
+            before_dial: Mutex::new(Some(before_dial)),
+        }),
+    };
+    std::fs::create_dir_all(&config1.data_dir).expect("data dir");
+    let region = Arc::new(
+        Region::open(
+            &config1.nvram_path(),
+            1,
+            Geometry::new(config1.nvram.half_size.0).expect("geometry"),
+        )
+        .expect("nvram"),
+    );
+    let (node, _events) = Node::open(config1.clone(), region, environment).expect("node 1");
+    let _ha = HaNode::start(
+        node.clone(),
+        HaOptions {
+            replay: ReplayDriver::Caller,
+            partner_service: None,
+        },
+    )
+    .expect("HA of node 1");
+    assert_eq!(node.mirror.connect_once(&node.log), Some(true));
+    let aggregate = &config1.aggregate_dir;
+    let partner_boot = nvmirror::storage::mailbox::read(aggregate, 2)
+        .expect("node 2's mailbox")
+        .expect("written")
+        .boot;
+    let mine = node.mailbox.current();
+    assert!(mine.mirror_in_sync);
+    assert_eq!(mine.in_sync_with_boot, Some(partner_boot));
+    node.stop();
+    let partner = partner.lock().take().expect("node 2 started");
+    partner.shutdown().expect("node 2 stops");
 }

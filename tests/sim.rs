@@ -6,7 +6,7 @@
 //! (default 1) change the budget; `nvmirror sim --soak` runs seeds until
 //! stopped.
 
-use nvmirror::node::InjectedBug;
+use nvmirror::testing::sim::InjectedBug;
 use nvmirror::testing::sim::{self, SimOptions};
 
 const STEPS: u64 = 3000;
@@ -139,4 +139,5 @@ fn a_stale_owner_that_skips_the_epoch_check_is_caught() {
     let (seed, violation) = caught(InjectedBug::SkipEpochCheck)
         .expect("the seed budget must catch a node that ignores fencing");
     println!("caught at seed {seed}: {violation}");
+    assert!(violation.contains("a stale owner wrote"), "{violation}");
 }

@@ -34,10 +34,10 @@ use crossbeam_channel::Sender;
 use interconnect::{ControlEvent, MirrorWrite, Reservation, SendQueue, SharedMemory, WriteId};
 use parking_lot::{Condvar, Mutex};
 
-use crate::clock::Clock;
+use crate::clock::SharedClock;
 use crate::error::Result;
-use crate::ha::mailbox::Mailbox;
-use crate::mirror::transport::LinkConfig;
+use crate::mirror::transport::Interconnect;
+use crate::storage::mailbox::Mailbox;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[repr(u8)]
@@ -83,7 +83,7 @@ pub struct Partner {
 
 impl Partner {
     fn boot(&self) -> Option<u64> {
-        crate::ha::mailbox::read(&self.aggregate_dir, self.node_id)
+        crate::storage::mailbox::read(&self.aggregate_dir, self.node_id)
             .ok()
             .flatten()
             .map(|mailbox| mailbox.boot)
@@ -94,7 +94,7 @@ impl Partner {
 pub struct Mirror {
     partner: Partner,
     /// How to dial the partner (TCP or RDMA).
-    dialer: LinkConfig,
+    dialer: Arc<dyn Interconnect>,
     slots: usize,
     local_log: SharedMemory,
     log_len_bytes: u64,
@@ -126,7 +126,7 @@ pub struct Mirror {
     paused_until: Mutex<Option<std::time::Instant>>,
     /// The resync under way (or the last one), for the status.
     resync: Mutex<Option<ResyncCopy>>,
-    clock: Clock,
+    clock: SharedClock,
 }
 
 /// What a resync copies and how far it has got: the writes it posted, each
@@ -159,12 +159,12 @@ pub struct ResyncProgress {
 impl Mirror {
     pub fn new(
         partner: Partner,
-        dialer: LinkConfig,
+        dialer: Arc<dyn Interconnect>,
         slots: usize,
         local_log: SharedMemory,
         mailbox: Arc<Mailbox>,
         events: Sender<ControlEvent>,
-        clock: Clock,
+        clock: SharedClock,
     ) -> Mirror {
         let log_len_bytes = local_log.len() as u64;
         Mirror {
@@ -474,14 +474,19 @@ impl Mirror {
     fn connect_and_resync(&self, log: &nvlog::Log) -> Result<()> {
         let span = tracing::info_span!("resync", partner = %self.partner.addr);
         let _entered = span.enter();
-        // Read before dialing: if the partner restarts after this, the
-        // session dies with it and nothing is declared.
-        let partner_boot = self.partner.boot();
         let sender = self.dialer.connect(
             self.partner.addr,
             self.local_log.clone(),
             self.events.clone(),
         )?;
+        // The partner writes its mailbox before it listens, so once the
+        // session is up the mailbox names the start that accepted it (or a
+        // later one, whose restart killed the session: nothing is declared
+        // then). Read before the copy: a restart after it is a boot the
+        // declaration does not name, and a takeover refuses that mirror.
+        // (Read before dialing, a partner starting meanwhile was recorded
+        // with its previous boot, or none.)
+        let partner_boot = self.partner.boot();
         let queue = {
             let mut current = self.queue.lock();
             match current.as_ref() {

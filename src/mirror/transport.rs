@@ -1,8 +1,11 @@
-//! Which interconnect transport the node uses: TCP, or RDMA when built
-//! with the `rdma` feature. The mirror dials with it and the node listens
-//! with it; the rest of the node sees only `interconnect::Transport`. The
-//! simulation ([`crate::testing::sim`]) links its nodes with in-process links.
+//! How the node reaches its partner: an [`Interconnect`] dials the
+//! partner's receiver (the mirror writes through it) and listens for the
+//! partner (a [`MirrorListener`] that writes the partner's log into our
+//! mirror). A running node uses the network ([`NetworkInterconnect`]: TCP,
+//! or RDMA when built with the `rdma` feature); the rest of the node sees
+//! only these traits and `interconnect::Transport`.
 
+use std::fmt::Debug;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
@@ -13,19 +16,44 @@ use interconnect::{
 
 use crate::config::{Config, TransportKind};
 use crate::error::Result;
-use crate::testing::sim::SimNet;
 
-/// How to reach the partner and how to be reached.
+/// Dials the partner and listens for it.
+pub trait Interconnect: Send + Sync + Debug {
+    /// Dial the partner's receiver: a new session reading `local_log`.
+    fn connect(
+        &self,
+        partner: SocketAddr,
+        local_log: SharedMemory,
+        events: Sender<ControlEvent>,
+    ) -> Result<Arc<dyn Transport>>;
+
+    /// Listen for the partner at `addr`, writing its log into `mirror`.
+    fn listen(
+        &self,
+        addr: SocketAddr,
+        mirror: SharedMemory,
+        events: Sender<ControlEvent>,
+    ) -> Result<Box<dyn MirrorListener>>;
+}
+
+/// The partner's way into our mirror.
+pub trait MirrorListener: Send + Debug {
+    /// The partner's current session, if it is connected.
+    fn session(&self) -> Option<u64>;
+    /// Stop listening and close the partner's session.
+    fn shutdown(&mut self);
+}
+
+/// The interconnect over the network, as the config says.
 #[derive(Debug, Clone)]
-pub enum LinkConfig {
+pub enum NetworkInterconnect {
     Tcp(TcpConfig),
     #[cfg(feature = "rdma")]
     Rdma(interconnect::RdmaConfig),
-    Simulated(Arc<SimNet>),
 }
 
-impl LinkConfig {
-    pub fn from_config(config: &Config) -> Result<LinkConfig> {
+impl NetworkInterconnect {
+    pub fn from_config(config: &Config) -> Result<NetworkInterconnect> {
         let key = PresharedKey::new(config.key_bytes()?)?;
         let ic = &config.interconnect;
         match ic.transport {
@@ -34,7 +62,7 @@ impl LinkConfig {
                 tcp.send_depth = ic.slots;
                 tcp.heartbeat_interval_ms = ic.heartbeat_interval_ms;
                 tcp.silence_timeout_ms = ic.heartbeat_timeout_ms;
-                Ok(LinkConfig::Tcp(tcp))
+                Ok(NetworkInterconnect::Tcp(tcp))
             }
             #[cfg(feature = "rdma")]
             TransportKind::Rdma => {
@@ -46,7 +74,7 @@ impl LinkConfig {
                 // Dial from our own interconnect address: with both devices
                 // of a test pair on one host, that picks the right one.
                 rdma.source_addr = Some(ic.listen.ip());
-                Ok(LinkConfig::Rdma(rdma))
+                Ok(NetworkInterconnect::Rdma(rdma))
             }
             #[cfg(not(feature = "rdma"))]
             TransportKind::Rdma => {
@@ -54,83 +82,64 @@ impl LinkConfig {
             }
         }
     }
+}
 
-    /// Dial the partner's receiver: a new session.
-    pub fn connect(
+impl Interconnect for NetworkInterconnect {
+    fn connect(
         &self,
         partner: SocketAddr,
         local_log: SharedMemory,
         events: Sender<ControlEvent>,
     ) -> Result<Arc<dyn Transport>> {
         Ok(match self {
-            LinkConfig::Tcp(tcp) => TcpSender::connect(partner, tcp, local_log, Some(events))?,
-            LinkConfig::Simulated(net) => net.connect(partner, local_log, events)?,
+            NetworkInterconnect::Tcp(tcp) => {
+                TcpSender::connect(partner, tcp, local_log, Some(events))?
+            }
             #[cfg(feature = "rdma")]
-            LinkConfig::Rdma(rdma) => {
+            NetworkInterconnect::Rdma(rdma) => {
                 interconnect::RdmaSender::connect(partner, rdma, local_log, Some(events))?
             }
         })
     }
 
-    /// Listen for the partner, writing its log into `mirror`.
-    pub fn listen(
+    fn listen(
         &self,
         addr: SocketAddr,
         mirror: SharedMemory,
         events: Sender<ControlEvent>,
-    ) -> Result<Receiver> {
+    ) -> Result<Box<dyn MirrorListener>> {
         Ok(match self {
-            LinkConfig::Tcp(tcp) => {
-                Receiver::Tcp(MirrorReceiver::bind(addr, tcp, mirror, Some(events))?)
+            NetworkInterconnect::Tcp(tcp) => {
+                Box::new(MirrorReceiver::bind(addr, tcp, mirror, Some(events))?)
             }
             #[cfg(feature = "rdma")]
-            LinkConfig::Rdma(rdma) => Receiver::Rdma(interconnect::RdmaReceiver::bind(
+            NetworkInterconnect::Rdma(rdma) => Box::new(interconnect::RdmaReceiver::bind(
                 addr,
                 rdma,
                 mirror,
                 Some(events),
             )?),
-            LinkConfig::Simulated(net) => {
-                net.listen(addr, mirror);
-                Receiver::Simulated {
-                    net: net.clone(),
-                    addr,
-                }
-            }
         })
     }
 }
 
-/// The partner's way into our mirror.
-#[derive(Debug)]
-pub enum Receiver {
-    Tcp(MirrorReceiver),
-    #[cfg(feature = "rdma")]
-    Rdma(interconnect::RdmaReceiver),
-    Simulated {
-        net: Arc<SimNet>,
-        addr: SocketAddr,
-    },
-}
-
-impl Receiver {
-    /// The partner's current session, if it is connected.
-    pub fn session(&self) -> Option<u64> {
-        match self {
-            Receiver::Tcp(receiver) => receiver.session(),
-            #[cfg(feature = "rdma")]
-            Receiver::Rdma(receiver) => receiver.session(),
-            Receiver::Simulated { net, addr } => net.session_into(*addr),
-        }
+impl MirrorListener for MirrorReceiver {
+    fn session(&self) -> Option<u64> {
+        MirrorReceiver::session(self)
     }
 
-    /// Stop listening and close the partner's session.
-    pub fn shutdown(&mut self) {
-        match self {
-            Receiver::Tcp(receiver) => receiver.shutdown(),
-            #[cfg(feature = "rdma")]
-            Receiver::Rdma(receiver) => receiver.shutdown(),
-            Receiver::Simulated { net, addr } => net.unlisten(*addr),
-        }
+    fn shutdown(&mut self) {
+        MirrorReceiver::shutdown(self)
+    }
+}
+
+#[cfg(feature = "rdma")]
+impl MirrorListener for interconnect::RdmaReceiver {
+    fn session(&self) -> Option<u64> {
+        interconnect::RdmaReceiver::session(self)
+    }
+
+    fn shutdown(&mut self) {
+        interconnect::RdmaReceiver::shutdown(self)
     }
 }

@@ -1,36 +1,15 @@
-//! A volume's backing file in the aggregate directory, its dirty map, and
-//! the fence that keeps a stale owner off it.
-//!
-//! The backing is a real file, or in the simulation ([`crate::testing::sim`]) a
-//! simulated disk with the same interface, which loses unsynced writes when
-//! their node loses power and can be told to fail.
+//! A volume: its disk in the aggregate, its dirty map, and the fence that
+//! keeps a stale owner off it.
 
-use std::fs::{File, OpenOptions};
-use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use parking_lot::{Mutex, RwLock};
 
 use crate::error::{Error, Result};
-use crate::ha::ownership::Fence;
-use crate::storage::extents::ExtentMap;
-use crate::testing::sim::{Shelf, SimDisk};
-
-/// Where volume files live: the file system (the aggregate directory), or
-/// the simulation's shelf of simulated disks.
-#[derive(Debug, Clone, Default)]
-pub enum Disks {
-    #[default]
-    Files,
-    Simulated(Arc<Shelf>),
-}
-
-#[derive(Debug)]
-enum Backing {
-    File(File),
-    Simulated(Arc<SimDisk>),
-}
+use crate::storage::disk::{Disk, Disks};
+use crate::storage::extents::{ExtentMap, Piece, Source};
+use crate::storage::ownership::Fence;
 
 /// The id of volume `index` of node `set` in log records: unique across the
 /// pair, so a survivor logs writes to its partner's volumes in its own log.
@@ -55,7 +34,7 @@ pub struct Volume {
     pub name: String,
     pub size_bytes: u64,
     path: PathBuf,
-    backing: Backing,
+    disk: Arc<dyn Disk>,
     /// Data logged but not yet in the file. Lock order: the log's order lock,
     /// then this.
     pub extents: Mutex<ExtentMap>,
@@ -75,7 +54,7 @@ impl Volume {
     /// it has `size_bytes`. A file that exists with another size is refused:
     /// resizing a volume is an explicit operation, never a side effect.
     pub fn open(
-        disks: &Disks,
+        disks: &dyn Disks,
         aggregate_dir: &Path,
         set: u32,
         index: usize,
@@ -85,17 +64,14 @@ impl Volume {
     ) -> Result<Volume> {
         let dir = volume_dir(aggregate_dir, set);
         let path = dir.join(format!("{name}.vol"));
-        let backing = match disks {
-            Disks::Files => Backing::File(open_file(&dir, &path, size_bytes)?),
-            Disks::Simulated(shelf) => Backing::Simulated(shelf.open(&path, set, size_bytes)?),
-        };
+        let disk = disks.open(&path, set, size_bytes)?;
         Ok(Volume {
             id: volume_id(set, index),
             set,
             name: name.to_owned(),
             size_bytes,
             path,
-            backing,
+            disk,
             extents: Mutex::new(ExtentMap::new()),
             fence,
             file_lock: Mutex::new(()),
@@ -108,11 +84,7 @@ impl Volume {
     }
 
     pub fn read_file(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
-        match &self.backing {
-            Backing::File(file) => file.read_exact_at(buf, offset),
-            Backing::Simulated(disk) => disk.read(offset, buf),
-        }
-        .map_err(|source| Error::Io {
+        self.disk.read_at(offset, buf).map_err(|source| Error::Io {
             what: "reading a volume file",
             path: self.path.clone(),
             source,
@@ -122,35 +94,30 @@ impl Volume {
     /// Write to the file, if this node still owns the volume.
     pub fn write_file(&self, offset: u64, data: &[u8]) -> Result<()> {
         self.fence.check()?;
-        match &self.backing {
-            Backing::File(file) => file.write_all_at(data, offset),
-            Backing::Simulated(disk) => disk.write(offset, data),
-        }
-        .map_err(|source| Error::Io {
-            what: "writing a volume file",
-            path: self.path.clone(),
-            source,
-        })
+        self.disk
+            .write_at(offset, data)
+            .map_err(|source| Error::Io {
+                what: "writing a volume file",
+                path: self.path.clone(),
+                source,
+            })
     }
 
     /// Make the range read back as zeros: with `release`, deallocating it
     /// (trim), else keeping it allocated (write-zeroes).
     pub fn zero_file(&self, offset: u64, len: u64, release: bool) -> Result<()> {
-        use nix::fcntl::{fallocate, FallocateFlags};
-        use std::os::fd::AsRawFd;
         self.fence.check()?;
-        let Backing::File(file) = &self.backing else {
-            return self.write_zeros(offset, len);
-        };
-        let mode = if release {
-            FallocateFlags::FALLOC_FL_PUNCH_HOLE | FallocateFlags::FALLOC_FL_KEEP_SIZE
-        } else {
-            FallocateFlags::FALLOC_FL_ZERO_RANGE | FallocateFlags::FALLOC_FL_KEEP_SIZE
-        };
-        if fallocate(file.as_raw_fd(), mode, offset as i64, len as i64).is_ok() {
+        let in_place = self
+            .disk
+            .zero_in_place(offset, len, release)
+            .map_err(|source| Error::Io {
+                what: "zeroing a range of a volume file",
+                path: self.path.clone(),
+                source,
+            })?;
+        if in_place {
             return Ok(());
         }
-        // The file system cannot do it in place.
         self.write_zeros(offset, len)
     }
 
@@ -166,59 +133,38 @@ impl Volume {
         Ok(())
     }
 
+    /// Write the bytes of `pieces` (of this volume's dirty map) to the
+    /// file: from the NVRAM `region`, or zeros, or a hole. The caller holds
+    /// `file_lock` and syncs after. Returns the bytes written.
+    pub fn write_pieces(
+        &self,
+        pieces: &[Piece],
+        region: &nvlog::Region,
+        buffer: &mut Vec<u8>,
+    ) -> Result<u64> {
+        let mut bytes = 0;
+        for piece in pieces {
+            match piece.source {
+                Source::Region { offset } => {
+                    buffer.resize(piece.len as usize, 0);
+                    region.read(offset, buffer);
+                    self.write_file(piece.start, buffer)?;
+                }
+                Source::Zero => self.zero_file(piece.start, piece.len, false)?,
+                Source::Hole => self.zero_file(piece.start, piece.len, true)?,
+            }
+            bytes += piece.len;
+        }
+        Ok(bytes)
+    }
+
     /// fdatasync: the file's data is on stable storage. A failure is final:
     /// the kernel may have dropped the dirty pages, so it is never retried.
     pub fn sync(&self) -> Result<()> {
-        match &self.backing {
-            Backing::File(file) => file.sync_data(),
-            Backing::Simulated(disk) => disk.sync(),
-        }
-        .map_err(|source| Error::Io {
+        self.disk.sync().map_err(|source| Error::Io {
             what: "syncing a volume file",
             path: self.path.clone(),
             source,
         })
     }
-}
-
-/// Open (creating if missing) a volume file of `size_bytes`.
-fn open_file(dir: &Path, path: &Path, size_bytes: u64) -> Result<File> {
-    std::fs::create_dir_all(dir).map_err(|source| Error::Io {
-        what: "creating the volume directory",
-        path: dir.to_owned(),
-        source,
-    })?;
-    let file = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(false)
-        .open(path)
-        .map_err(|source| Error::Io {
-            what: "opening a volume file",
-            path: path.to_owned(),
-            source,
-        })?;
-    let actual = file
-        .metadata()
-        .map_err(|source| Error::Io {
-            what: "reading a volume file's size",
-            path: path.to_owned(),
-            source,
-        })?
-        .len();
-    if actual == 0 {
-        file.set_len(size_bytes).map_err(|source| Error::Io {
-            what: "sizing a new volume file",
-            path: path.to_owned(),
-            source,
-        })?;
-    } else if actual != size_bytes {
-        return Err(Error::VolumeSizeMismatch {
-            path: path.to_owned(),
-            configured_bytes: size_bytes,
-            actual_bytes: actual,
-        });
-    }
-    Ok(file)
 }

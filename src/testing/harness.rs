@@ -8,7 +8,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use crate::error::{Error, Result};
-use crate::ha::mailbox::{self, MailboxState};
+use crate::storage::mailbox::{self, MailboxState};
 
 /// What the pair looks like.
 #[derive(Debug, Clone)]

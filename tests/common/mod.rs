@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use nvmirror::ha::mailbox::MailboxState;
+use nvmirror::storage::mailbox::MailboxState;
 use nvmirror::testing::harness::{NodeProcess, PairHarness, PairSpec};
 
 pub const VOLUME_BYTES: u64 = 16 << 20;

@@ -19,14 +19,14 @@ use std::collections::HashSet;
 
 use nvmirror::config::{Config, ConfigError};
 use nvmirror::ha::index::TakeoverIndex;
-use nvmirror::ha::mailbox::{self, MAILBOX_FORMAT_VERSION};
-use nvmirror::ha::ownership::{self, OWNER_FORMAT_VERSION};
 use nvmirror::nbd::proto::{
     command_name, decode_name, option_name, BadMagic, InfoRequest, OptionDataError, OptionHeader,
     RequestHeader, IHAVEOPT, NBD_CMD_WRITE, NBD_OPT_EXPORT_NAME, NBD_OPT_GO, NBD_OPT_INFO,
     NBD_REQUEST_MAGIC, NBD_STRING_BYTES_MAX, OPTION_HEADER_BYTES, REQUEST_HEADER_BYTES,
 };
 use nvmirror::storage::extents::Source;
+use nvmirror::storage::mailbox::{self, MAILBOX_FORMAT_VERSION};
+use nvmirror::storage::ownership::{self, OWNER_FORMAT_VERSION};
 
 // ---------------------------------------------------------------------------
 // NBD: encoders written from the spec (doc/proto.md), as a client sends

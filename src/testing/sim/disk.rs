@@ -17,7 +17,8 @@ use parking_lot::Mutex;
 
 use super::rng::SplitMix64;
 use crate::error::Result;
-use crate::ha::ownership;
+use crate::storage::disk::{Disk, Disks};
+use crate::storage::ownership;
 
 /// Sector size of the simulated disks: a torn write keeps a prefix of whole
 /// sectors.
@@ -26,6 +27,8 @@ pub const SECTOR_BYTES: usize = 512;
 /// The simulated shared storage: every volume's disk, by path.
 #[derive(Debug)]
 pub struct Shelf {
+    /// Itself, for the disks it hands out.
+    this: std::sync::Weak<Shelf>,
     aggregate_dir: PathBuf,
     disks: Mutex<BTreeMap<PathBuf, Arc<SimDisk>>>,
     /// The node whose step is running (the simulation is single-threaded).
@@ -35,7 +38,8 @@ pub struct Shelf {
 
 impl Shelf {
     pub fn new(aggregate_dir: &Path) -> Arc<Shelf> {
-        Arc::new(Shelf {
+        Arc::new_cyclic(|this| Shelf {
+            this: this.clone(),
             aggregate_dir: aggregate_dir.to_owned(),
             disks: Mutex::new(BTreeMap::new()),
             actor: AtomicU32::new(u32::MAX),
@@ -44,11 +48,11 @@ impl Shelf {
     }
 
     /// The disk of the volume file at `path` (node `set`'s), created zeroed.
-    pub fn open(self: &Arc<Self>, path: &Path, set: u32, size_bytes: u64) -> Result<Arc<SimDisk>> {
+    pub fn open(&self, path: &Path, set: u32, size_bytes: u64) -> Result<Arc<SimDisk>> {
         let mut disks = self.disks.lock();
         let disk = disks
             .entry(path.to_owned())
-            .or_insert_with(|| Arc::new(SimDisk::new(self, path, set, size_bytes)));
+            .or_insert_with(|| Arc::new(SimDisk::new(self.this.clone(), path, set, size_bytes)));
         if disk.len() != size_bytes {
             return Err(crate::Error::VolumeSizeMismatch {
                 path: path.to_owned(),
@@ -96,6 +100,26 @@ impl Shelf {
     }
 }
 
+impl Disks for Shelf {
+    fn open(&self, path: &Path, set: u32, size_bytes: u64) -> Result<Arc<dyn Disk>> {
+        Ok(Shelf::open(self, path, set, size_bytes)?)
+    }
+}
+
+impl Disk for SimDisk {
+    fn read_at(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
+        self.read(offset, buf)
+    }
+
+    fn write_at(&self, offset: u64, data: &[u8]) -> io::Result<()> {
+        self.write(offset, data)
+    }
+
+    fn sync(&self) -> io::Result<()> {
+        SimDisk::sync(self)
+    }
+}
+
 /// One volume file on the shelf.
 #[derive(Debug)]
 pub struct SimDisk {
@@ -129,10 +153,10 @@ struct Pending {
 }
 
 impl SimDisk {
-    fn new(shelf: &Arc<Shelf>, path: &Path, set: u32, size_bytes: u64) -> SimDisk {
+    fn new(shelf: std::sync::Weak<Shelf>, path: &Path, set: u32, size_bytes: u64) -> SimDisk {
         let len = size_bytes as usize;
         SimDisk {
-            shelf: Arc::downgrade(shelf),
+            shelf,
             path: path.to_owned(),
             set,
             state: Mutex::new(DiskState {

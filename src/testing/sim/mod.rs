@@ -1,11 +1,11 @@
 //! Deterministic simulation of the pair.
 //!
-//! Two real nodes ([`NodeInner`], with their real log, mirror, consistency
+//! Two real nodes ([`HaNode`] over [`Node`], with their real log, mirror, consistency
 //! points, HA monitor, takeover, persisted index, replay and giveback) run
 //! in one thread, stepped by a scheduler that a single seed drives. What
 //! they run on is simulated:
 //!
-//! - time: a [`Clock`] that moves only when the scheduler advances it;
+//! - time: a clock ([`SimClock`]) that moves only when the scheduler advances it;
 //! - NVRAM: in-memory regions; a crash keeps what was persisted and tears
 //!   the rest at any byte (`nvlog::Region::crash_image`);
 //! - volume files: a shelf of simulated disks ([`Shelf`]) with a write
@@ -34,13 +34,13 @@
 //! drills cover what happens inside.
 
 mod checker;
+mod clock;
 mod disk;
 mod net;
 mod rng;
 
 use std::collections::VecDeque;
 use std::fmt;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use crossbeam_channel::Receiver;
@@ -52,13 +52,14 @@ pub use disk::{Shelf, SimDisk};
 pub use net::SimNet;
 pub use rng::SplitMix64;
 
-use crate::clock::Clock;
+use crate::clock::SharedClock;
 use crate::config::{Config, Durability};
 use crate::error::Error;
-use crate::mirror::transport::LinkConfig;
-use crate::node::{Execution, InjectedBug, NodeInner, PendingWrite, Runtime};
-use crate::storage::volume::{volume_id, Disks, Volume};
+use crate::ha::{HaNode, HaOptions, ReplayDriver};
+use crate::node::{Environment, Node, PendingWrite, WhenFull};
+use crate::storage::volume::{volume_id, Volume};
 use crate::testing::workload::BLOCK_BYTES;
+pub use clock::SimClock;
 
 /// Blocks per simulated volume (4 KiB each).
 const VOLUME_BLOCKS: u64 = 24;
@@ -75,6 +76,18 @@ const TRACE_STEPS: usize = 80;
 /// How long the simulated operator waits for an automatic takeover before
 /// forcing one.
 const OPERATOR_PATIENCE_MS: u64 = 3000;
+
+/// A deliberately broken node, for the simulation to prove it finds bugs
+/// (`nvmirror sim --inject-bug`). The simulation plays the broken node's
+/// part itself; the node's code has no broken variant.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum InjectedBug {
+    /// Acknowledge a write as soon as it is in the local log, without
+    /// waiting for the mirror or for local persistence.
+    AckBeforePlaced,
+    /// Skip the fence: a stale owner keeps writing its volume files.
+    SkipEpochCheck,
+}
 
 /// What to simulate.
 #[derive(Debug, Clone)]
@@ -220,7 +233,7 @@ struct SimNode {
     id: u32,
     config: Config,
     region: Arc<Region>,
-    inner: Option<Arc<NodeInner>>,
+    inner: Option<Arc<HaNode>>,
     events: Option<Receiver<ControlEvent>>,
     /// Crashed: restarts at this simulated time.
     down_until_ms: Option<u64>,
@@ -252,8 +265,7 @@ struct World {
     _dir: tempfile::TempDir,
     /// The directory's path and a slash, cut from what the trace says.
     dir_prefix: String,
-    elapsed_ms: Arc<AtomicU64>,
-    clock: Clock,
+    clock: Arc<SimClock>,
     net: Arc<SimNet>,
     shelf: Arc<Shelf>,
     nodes: [SimNode; 2],
@@ -281,9 +293,9 @@ impl World {
                 path: std::env::temp_dir(),
                 source,
             })?;
-        let (clock, elapsed_ms) = Clock::simulated();
+        let clock = SimClock::new();
         let net = SimNet::new(
-            clock.clone(),
+            clock.clone() as SharedClock,
             std::time::Duration::from_millis(HEARTBEAT_TIMEOUT_MS),
         );
         let shelf = Shelf::new(&dir.path().join("aggregate"));
@@ -321,7 +333,6 @@ impl World {
             durability,
             dir_prefix: format!("{}/", dir.path().display()),
             _dir: dir,
-            elapsed_ms,
             clock,
             net,
             shelf,
@@ -359,7 +370,7 @@ impl World {
     }
 
     fn now_ms(&self) -> u64 {
-        self.elapsed_ms.load(Ordering::Acquire)
+        self.clock.elapsed_ms()
     }
 
     fn note(&mut self, what: impl fmt::Display) {
@@ -380,7 +391,7 @@ impl World {
     fn run(&mut self) -> Result<(), String> {
         for step in 0..self.options.steps {
             self.step = step;
-            self.elapsed_ms.fetch_add(1, Ordering::AcqRel);
+            self.clock.advance_ms(1);
             self.wake_nodes()?;
             self.one_step()?;
             self.collect_violations()?;
@@ -415,7 +426,7 @@ impl World {
         self.heartbeats();
         // An operator restarts a node that stopped accepting writes.
         for index in 0..2 {
-            let failed = self.live(index).and_then(|inner| inner.failure());
+            let failed = self.live(index).and_then(|inner| inner.node.failure());
             if let Some(reason) = failed {
                 if self.rng.chance(20) {
                     self.note(format_args!(
@@ -475,18 +486,17 @@ impl World {
         let node = &mut self.nodes[index];
         node.incarnation += 1;
         self.shelf.set_actor(node.id);
-        let runtime = Runtime {
-            execution: Execution::Stepped,
+        let environment = Environment {
             clock: self.clock.clone(),
-            disks: Disks::Simulated(self.shelf.clone()),
-            injected_bug: self.options.bug,
+            disks: self.shelf.clone(),
+            interconnect: self.net.clone(),
         };
-        let assembled = NodeInner::assemble(
-            node.config.clone(),
-            node.region.clone(),
-            LinkConfig::Simulated(self.net.clone()),
-            runtime,
-        );
+        let options = HaOptions {
+            replay: ReplayDriver::Caller,
+            partner_service: None,
+        };
+        let assembled = Node::open(node.config.clone(), node.region.clone(), environment)
+            .and_then(|(node, events)| Ok((HaNode::start(node, options)?, events)));
         let (inner, events) = match assembled {
             Ok(assembled) => assembled,
             // An injected disk error during recovery: the node does not come
@@ -496,7 +506,7 @@ impl World {
                 // The process exits: its mapping keeps what it wrote.
                 node.region = after_crash(&node.region, None);
                 self.net.unlisten(node.config.interconnect.listen);
-                node.down_until_ms = Some(self.elapsed_ms.load(Ordering::Acquire) + 500);
+                node.down_until_ms = Some(self.clock.elapsed_ms() + 500);
                 self.note(format_args!(
                     "node {id} fails to start ({error}); retried later"
                 ));
@@ -504,7 +514,7 @@ impl World {
             }
             Err(error) => return Err(format!("node {} cannot start: {error}", node.id)),
         };
-        let role = inner.ha.role().as_str();
+        let role = inner.role().as_str();
         node.inner = Some(inner);
         node.events = Some(events);
         let id = node.id;
@@ -513,7 +523,7 @@ impl World {
     }
 
     /// Node `index` if it is up and not stalled; its events delivered.
-    fn live(&self, index: usize) -> Option<Arc<NodeInner>> {
+    fn live(&self, index: usize) -> Option<Arc<HaNode>> {
         let node = &self.nodes[index];
         if node.stalled_until_ms.is_some() {
             return None;
@@ -522,7 +532,7 @@ impl World {
         self.shelf.set_actor(node.id);
         if let Some(events) = &node.events {
             while let Ok(event) = events.try_recv() {
-                inner.on_interconnect_event(event);
+                inner.node.on_interconnect_event(event);
             }
         }
         Some(inner)
@@ -545,7 +555,7 @@ impl World {
             850..=909 => self.monitor(),
             910..=959 => {
                 let ms = 20 + self.rng.below(300);
-                self.elapsed_ms.fetch_add(ms, Ordering::AcqRel);
+                self.clock.advance_ms(ms);
                 Ok(())
             }
             960..=986 => self.replay(),
@@ -561,10 +571,10 @@ impl World {
     }
 
     /// A live node, one of the volumes it serves, and a block of it.
-    fn pick_block(&mut self) -> Option<(usize, Arc<NodeInner>, Arc<Volume>, u64)> {
+    fn pick_block(&mut self) -> Option<(usize, Arc<HaNode>, Arc<Volume>, u64)> {
         let index = self.pick_node();
         let inner = self.live(index)?;
-        let volumes = inner.volumes();
+        let volumes = inner.node.volumes();
         if volumes.is_empty() {
             return None;
         }
@@ -578,7 +588,26 @@ impl World {
             return Ok(());
         };
         let (version, data) = self.checker.next_write(volume.id, block);
-        match inner.start_write(&volume, block * BLOCK_BYTES as u64, &data) {
+        let offset = block * BLOCK_BYTES as u64;
+        if self.options.bug == Some(InjectedBug::SkipEpochCheck) && volume.fence.check().is_err() {
+            // The broken node does not see that it lost the volume: the
+            // write reaches the file, as its consistency point would put it.
+            let disk = self
+                .shelf
+                .open(volume.path(), volume.set, volume.size_bytes)
+                .map_err(|error| format!("the shelf lost a volume's disk: {error}"))?;
+            let _ = disk.write(offset, &data);
+            self.note(format_args!(
+                "node {} (ignoring its fence) writes {} block {block}",
+                index + 1,
+                volume.name
+            ));
+            return Ok(());
+        }
+        match inner
+            .node
+            .start_write(&volume, offset, &data, WhenFull::Refuse)
+        {
             Ok(pending) => {
                 self.checker.issued(volume.id, block, version);
                 self.report.writes_issued += 1;
@@ -588,6 +617,12 @@ impl World {
                     volume.name,
                     pending.map(|p| p.lsn)
                 ));
+                if self.options.bug == Some(InjectedBug::AckBeforePlaced) {
+                    // The broken node acknowledges once the write is in its
+                    // own log, without waiting for the mirror or the disk.
+                    self.checker.acked(volume.id, block, version);
+                    return Ok(());
+                }
                 self.in_flight.push(InFlight {
                     node: self.nodes[index].id,
                     incarnation: self.nodes[index].incarnation,
@@ -629,14 +664,19 @@ impl World {
         };
         let entry = &self.in_flight[at];
         let same_life = self.nodes[index].incarnation == entry.incarnation;
-        if same_life && !inner.mirror.settled(entry.pending.and_then(|p| p.posted)) {
+        if same_life
+            && !inner
+                .node
+                .mirror
+                .settled(entry.pending.and_then(|p| p.posted))
+        {
             return false;
         }
         let entry = self.in_flight.swap_remove(at);
         if !same_life {
             return true;
         }
-        match inner.finish_write(&entry.volume, entry.pending, false) {
+        match inner.node.finish_write(&entry.volume, entry.pending, false) {
             Ok(()) => {
                 self.checker
                     .acked(entry.volume.id, entry.block, entry.version);
@@ -686,23 +726,18 @@ impl World {
 
     fn read(&mut self) -> Result<(), String> {
         match self.pick_block() {
-            Some((_, inner, volume, block)) => self.check_block(&inner, &volume, block),
+            Some((_, inner, volume, block)) => self.check_block(&inner.node, &volume, block),
             None => Ok(()),
         }
     }
 
-    fn check_block(
-        &mut self,
-        inner: &NodeInner,
-        volume: &Volume,
-        block: u64,
-    ) -> Result<(), String> {
+    fn check_block(&mut self, node: &Node, volume: &Volume, block: u64) -> Result<(), String> {
         let mut buf = vec![0u8; BLOCK_BYTES];
-        match inner.read(volume, block * BLOCK_BYTES as u64, &mut buf) {
+        match node.read(volume, block * BLOCK_BYTES as u64, &mut buf) {
             Ok(()) => self
                 .checker
                 .check_read(volume.id, block, &buf)
-                .map_err(|why| format!("node {} served a bad read: {why}", inner.config.node_id)),
+                .map_err(|why| format!("node {} served a bad read: {why}", node.config.node_id)),
             // A fenced or failing node refuses reads: nothing was served.
             Err(_) => Ok(()),
         }
@@ -717,14 +752,14 @@ impl World {
                 let id = volume_id(set, index);
                 let server = (0..2).find_map(|node| {
                     let inner = self.live(node)?;
-                    let volume = inner.volume_by_id(id)?;
+                    let volume = inner.node.volume_by_id(id)?;
                     (!volume.fence.is_tripped()).then_some((inner, volume))
                 });
                 let Some((inner, volume)) = server else {
                     continue;
                 };
                 for block in self.checker.written_blocks(id) {
-                    self.check_block(&inner, &volume, block)?;
+                    self.check_block(&inner.node, &volume, block)?;
                 }
             }
         }
@@ -738,7 +773,9 @@ impl World {
         };
         // A consistency point waits for its mirror posts and those before.
         let timer_due = self.rng.chance(50);
-        let healthy = self.net.placing_during(|| inner.checkpoint_tick(timer_due));
+        let healthy = self
+            .net
+            .placing_during(|| inner.node.checkpoint_tick(timer_due));
         self.report.checkpoints += 1;
         self.note(format_args!(
             "node {} consistency point (timer {timer_due}){}",
@@ -759,7 +796,7 @@ impl World {
         };
         if let Some(in_sync) = self
             .net
-            .placing_during(|| inner.mirror.connect_once(&inner.log))
+            .placing_during(|| inner.node.mirror.connect_once(&inner.node.log))
         {
             self.note(format_args!(
                 "node {} connects to its partner: {}",
@@ -775,19 +812,19 @@ impl World {
         let Some(inner) = self.live(index) else {
             return Ok(());
         };
-        let holding_before = inner.ha.holding_partner();
-        let role_before = inner.ha.role();
+        let holding_before = inner.holding_partner();
+        let role_before = inner.role();
         // A giveback (or a return of our volumes) waits for mirror posts.
         let ticked = if holding_before || role_before != crate::ha::Role::Serving {
-            self.net.placing_during(|| crate::ha::monitor_tick(&inner))
+            self.net.placing_during(|| inner.monitor_tick())
         } else {
-            crate::ha::monitor_tick(&inner)
+            inner.monitor_tick()
         };
         if let Err(error) = ticked {
             self.note(format_args!("node {} monitor: {error}", index + 1));
         }
-        let holding_after = inner.ha.holding_partner();
-        let role_after = inner.ha.role();
+        let holding_after = inner.holding_partner();
+        let role_after = inner.role();
         if holding_after && !holding_before {
             self.report.takeovers += 1;
             self.note(format_args!(
@@ -817,7 +854,7 @@ impl World {
         let Some(inner) = self.live(index) else {
             return Ok(());
         };
-        match crate::ha::replay_step(&inner, 2 * BLOCK_BYTES as u64) {
+        match inner.replay_step(2 * BLOCK_BYTES as u64) {
             Ok(true) => {}
             Ok(false) => {}
             Err(error) => self.note(format_args!("node {} replay: {error}", index + 1)),
@@ -855,7 +892,7 @@ impl World {
         // durability = "persist" only.
         let power_loss = self.durability == Durability::Persist && self.rng.chance(50);
         let tear_seed = power_loss.then(|| self.rng.next_u64());
-        inner.mirror.stop();
+        inner.node.mirror.stop();
         drop(inner);
         node.region = after_crash(&node.region, tear_seed);
         let (own, partner) = (
@@ -955,17 +992,17 @@ impl World {
         let Some(inner) = self.live(index) else {
             return Ok(());
         };
-        if !partner_down || inner.ha.holding_partner() {
+        if !partner_down || inner.holding_partner() {
             return Ok(());
         }
         let partner_id = self.nodes[partner].id;
         // What the takeover trusts without force (see ha::takeover).
-        let my_boot = inner.mailbox.current().boot;
-        let in_sync = crate::ha::mailbox::read(&inner.config.aggregate_dir, partner_id)
+        let my_boot = inner.node.mailbox.current().boot;
+        let in_sync = crate::storage::mailbox::read(&inner.node.config.aggregate_dir, partner_id)
             .ok()
             .flatten()
             .is_some_and(|m| m.mirror_in_sync && m.in_sync_with_boot == Some(my_boot));
-        match crate::ha::takeover(&inner, true, "operator: forced takeover in the simulation") {
+        match inner.takeover(true, "operator: forced takeover in the simulation") {
             Ok(_) => {
                 if !in_sync {
                     let lost: Vec<u32> = (0..VOLUMES_PER_NODE)
@@ -1016,16 +1053,16 @@ impl World {
             }
         }
         for _ in 0..200 {
-            self.elapsed_ms.fetch_add(50, Ordering::AcqRel);
+            self.clock.advance_ms(50);
             for index in 0..2 {
                 let Some(inner) = self.live(index) else {
                     continue;
                 };
                 self.net.placing_during(|| {
-                    inner.mirror.connect_once(&inner.log);
-                    let _ = crate::ha::replay_step(&inner, 64 * BLOCK_BYTES as u64);
-                    let _ = crate::ha::monitor_tick(&inner);
-                    inner.checkpoint_tick(true);
+                    inner.node.mirror.connect_once(&inner.node.log);
+                    let _ = inner.replay_step(64 * BLOCK_BYTES as u64);
+                    let _ = inner.monitor_tick();
+                    inner.node.checkpoint_tick(true);
                 });
             }
             self.finish_all();

@@ -18,14 +18,56 @@ use interconnect::inproc::{self, Delivery, InProcConfig, InProcLink};
 use interconnect::{ControlEvent, FailureDetector, SharedMemory, Transport};
 use parking_lot::Mutex;
 
-use crate::clock::Clock;
+use crate::clock::SharedClock;
 use crate::error::Result;
+use crate::mirror::transport::{Interconnect, MirrorListener};
 
 #[derive(Debug)]
 pub struct SimNet {
-    clock: Clock,
+    /// Itself, for the listeners it hands out.
+    this: std::sync::Weak<SimNet>,
+    clock: SharedClock,
     heartbeat_timeout: std::time::Duration,
     state: Mutex<NetState>,
+}
+
+impl Interconnect for SimNet {
+    fn connect(
+        &self,
+        partner: SocketAddr,
+        local_log: SharedMemory,
+        events: Sender<ControlEvent>,
+    ) -> Result<Arc<dyn Transport>> {
+        SimNet::connect(self, partner, local_log, events)
+    }
+
+    fn listen(
+        &self,
+        addr: SocketAddr,
+        mirror: SharedMemory,
+        _events: Sender<ControlEvent>,
+    ) -> Result<Box<dyn MirrorListener>> {
+        SimNet::listen(self, addr, mirror);
+        let net = self.this.upgrade().expect("a SimNet lives in an Arc");
+        Ok(Box::new(SimListener { net, addr }))
+    }
+}
+
+/// A node's receiver on the simulated interconnect.
+#[derive(Debug)]
+struct SimListener {
+    net: Arc<SimNet>,
+    addr: SocketAddr,
+}
+
+impl MirrorListener for SimListener {
+    fn session(&self) -> Option<u64> {
+        self.net.session_into(self.addr)
+    }
+
+    fn shutdown(&mut self) {
+        self.net.unlisten(self.addr)
+    }
 }
 
 /// The two failure detectors of one session.
@@ -64,8 +106,9 @@ struct NetState {
 }
 
 impl SimNet {
-    pub fn new(clock: Clock, heartbeat_timeout: std::time::Duration) -> Arc<SimNet> {
-        Arc::new(SimNet {
+    pub fn new(clock: SharedClock, heartbeat_timeout: std::time::Duration) -> Arc<SimNet> {
+        Arc::new_cyclic(|this| SimNet {
+            this: this.clone(),
             clock,
             heartbeat_timeout,
             state: Mutex::new(NetState::default()),

@@ -17,7 +17,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
 use crate::fsutil::{read_small, write_atomically};
-use crate::ha::mailbox::now_unix_ms;
+use crate::storage::mailbox::now_unix_ms;
 
 pub const OWNER_FORMAT_VERSION: u32 = 1;
 const OWNER_MAX_BYTES: u64 = 16 * 1024;
@@ -165,9 +165,6 @@ pub struct Fence {
     /// (inode, size, mtime ns) of the owner file when last read as ours.
     seen: Mutex<Option<(u64, u64, i64)>>,
     tripped: AtomicBool,
-    /// The simulation's deliberately broken variant: owner changes go
-    /// unnoticed (see `InjectedBug::SkipEpochCheck`).
-    ignore_owner_changes: bool,
 }
 
 impl Fence {
@@ -180,15 +177,7 @@ impl Fence {
             epoch: ownership.epoch,
             seen: Mutex::new(None),
             tripped: AtomicBool::new(false),
-            ignore_owner_changes: false,
         }
-    }
-
-    /// The broken variant the simulation must catch: never reads the owner
-    /// file again.
-    pub(crate) fn ignoring_owner_changes(mut self) -> Fence {
-        self.ignore_owner_changes = true;
-        self
     }
 
     pub fn epoch(&self) -> u64 {
@@ -212,9 +201,6 @@ impl Fence {
     pub fn check(&self) -> Result<()> {
         if self.is_tripped() {
             return Err(self.fenced());
-        }
-        if self.ignore_owner_changes {
-            return Ok(());
         }
         let stamp = match std::fs::metadata(&self.path) {
             Ok(metadata) => Some((

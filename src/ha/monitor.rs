@@ -1,0 +1,170 @@
+//! The HA monitor: the mailbox heartbeat, failure detection (the table in
+//! the [`crate::ha`] module docs), automatic takeover and giveback, and
+//! noticing that this node was fenced or got its volumes back.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::error::Result;
+use crate::ha::{HaNode, Role};
+use crate::mirror::Link;
+use crate::storage::{mailbox, ownership};
+
+impl HaNode {
+    /// Cut the interconnect for `duration` (drills): close both sessions and
+    /// keep them closed.
+    pub fn cut_interconnect(&self, duration: Duration) {
+        tracing::warn!(
+            duration_ms = duration.as_millis() as u64,
+            "interconnect cut on request"
+        );
+        self.state.lock().cut_until = Some(self.node.environment.clock.now() + duration);
+        self.node.mirror.cut(duration);
+        self.node.shutdown_receiver();
+    }
+
+    /// The HA monitor: heartbeat, failure detection, automatic takeover and
+    /// giveback, noticing fencing and the return of our volumes.
+    pub fn run_monitor(self: &Arc<Self>) {
+        let interval = Duration::from_millis(self.node.config.ha.mailbox_interval_ms);
+        while !self.node.is_stopping() {
+            if let Err(error) = self.monitor_tick() {
+                tracing::warn!(%error, "HA monitor");
+            }
+            let (flag, condvar) = &self.wake;
+            let mut woken = flag.lock();
+            if !*woken {
+                condvar.wait_for(&mut woken, interval);
+            }
+            *woken = false;
+        }
+    }
+
+    /// One round of the HA monitor.
+    pub fn monitor_tick(self: &Arc<Self>) -> Result<()> {
+        let (me, partner) = self.me_and_partner();
+        let aggregate = &self.node.config.aggregate_dir;
+        let role = self.role();
+        self.node.mailbox.update(|state| {
+            state.heartbeat_seq += 1;
+            state.state = role.as_str().to_owned();
+        })?;
+        // Our own volumes: fenced, or given back?
+        match role {
+            Role::Serving => {
+                let fence = self.state.lock().own_fence.clone();
+                if let Some(fence) = fence {
+                    if fence.check().is_err() {
+                        self.on_fenced();
+                    }
+                }
+            }
+            Role::WaitingForGiveback | Role::Fenced => {
+                let own = ownership::read(aggregate, me)?;
+                let old_epoch = self.state.lock().own_fence.as_ref().map(|f| f.epoch());
+                if own.owner == me && old_epoch.map_or(true, |epoch| own.epoch > epoch) {
+                    let _transition = self.transition.lock();
+                    let span = tracing::info_span!("giveback_return", epoch = own.epoch);
+                    let _entered = span.enter();
+                    tracing::warn!(
+                        epoch = own.epoch,
+                        log_replayed = own.log_replayed,
+                        "volumes given back"
+                    );
+                    self.serve_own_volumes(&own, own.log_replayed)?;
+                }
+            }
+            Role::Starting => {}
+        }
+        // The partner: its mailbox heartbeat and the interconnect.
+        let now = self.node.environment.clock.now();
+        let partner_mailbox = mailbox::read(aggregate, partner).ok().flatten();
+        let interconnect_up = self.node.link() != Link::Down || self.node.receiver_connected();
+        let (interconnect_silent, mailbox_stale, cut_active) = {
+            let mut state = self.state.lock();
+            if let Some(mailbox) = &partner_mailbox {
+                if state.partner_seq != Some(mailbox.heartbeat_seq) {
+                    state.partner_seq = Some(mailbox.heartbeat_seq);
+                    state.partner_seen_at = now;
+                }
+            }
+            state.partner_mailbox = partner_mailbox.clone();
+            if interconnect_up {
+                state.interconnect_alive_at = now;
+            }
+            let cut_active = state.cut_until.is_some_and(|until| now < until);
+            if state.cut_until.is_some() && !cut_active {
+                state.cut_until = None;
+                if state.holding.is_none() {
+                    drop(state);
+                    self.node.bind_receiver()?;
+                    state = self.state.lock();
+                }
+            }
+            (
+                now.duration_since(state.interconnect_alive_at),
+                now.duration_since(state.partner_seen_at),
+                cut_active,
+            )
+        };
+        let partner_down = interconnect_silent
+            > Duration::from_millis(self.node.config.interconnect.heartbeat_timeout_ms)
+            && mailbox_stale > Duration::from_millis(self.node.config.ha.mailbox_timeout_ms);
+        let holding = self.holding_partner();
+        if partner_down
+            && !holding
+            && !cut_active
+            && self.node.config.ha.auto_takeover
+            && self.role() == Role::Serving
+        {
+            let theirs = ownership::read(aggregate, partner)?;
+            if theirs.owner == partner && partner_mailbox.is_some() {
+                match self.takeover(false, "partner down: interconnect silent and mailbox stale") {
+                    Ok(message) => tracing::warn!(%message, "automatic takeover"),
+                    Err(error) => {
+                        let reason = error.to_string();
+                        let mut state = self.state.lock();
+                        if state.refusal.as_deref() != Some(reason.as_str()) {
+                            tracing::error!(%reason, "automatic takeover refused");
+                        }
+                        state.refusal = Some(reason);
+                    }
+                }
+            }
+        } else if !partner_down {
+            self.state.lock().refusal = None;
+        }
+        // Automatic giveback, when configured: of volumes served here, or
+        // fenced by a takeover that stopped before serving them.
+        let aborted = self.state.lock().aborted_takeover.is_some();
+        if let (true, Some(delay_ms)) = (
+            holding || aborted,
+            self.node.config.ha.auto_giveback_delay_ms,
+        ) {
+            let waiting = partner_mailbox.as_ref().is_some_and(|m| {
+                m.state == Role::WaitingForGiveback.as_str() || m.state == Role::Fenced.as_str()
+            }) && mailbox_stale
+                < Duration::from_millis(self.node.config.ha.mailbox_timeout_ms);
+            let since = {
+                let mut state = self.state.lock();
+                if waiting {
+                    *state.partner_waiting_since.get_or_insert(now)
+                } else {
+                    state.partner_waiting_since = None;
+                    now
+                }
+            };
+            if waiting
+                && now.duration_since(since) >= Duration::from_millis(delay_ms)
+                && !self.replay_pending()
+            {
+                match self.giveback() {
+                    Ok(message) => tracing::warn!(%message, "automatic giveback"),
+                    Err(error) => tracing::error!(%error, "automatic giveback failed"),
+                }
+                self.state.lock().partner_waiting_since = None;
+            }
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,261 @@
+//! Takeover: the survivor fences the partner's volumes, indexes the
+//! partner's mirror, persists the index and serves the volumes at once
+//! (the steps are in the [`crate::ha`] module docs). The index it persists
+//! is kept current until the replay ends.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use nvlog::Scanner;
+
+use crate::error::{Error, Result};
+use crate::ha::index::{IndexEntry, TakeoverIndex};
+use crate::ha::{refused, HaNode, Holding, ReplayDriver, Role, TakeoverTimes};
+use crate::node::recovery::index_records;
+use crate::storage::extents::Origin;
+use crate::storage::mailbox::{self, MailboxState};
+use crate::storage::ownership;
+use crate::storage::volume::Volume;
+
+impl HaNode {
+    /// Take over the partner's volumes now (see the module docs).
+    pub fn takeover(self: &Arc<Self>, force: bool, reason: &str) -> Result<String> {
+        let _transition = self.transition.lock();
+        self.node.check_not_failed()?;
+        let (me, partner) = self.me_and_partner();
+        let span = tracing::info_span!("takeover", partner, force);
+        let _entered = span.enter();
+        let started = Instant::now();
+        {
+            let state = self.state.lock();
+            if state.holding.is_some() {
+                return Err(refused("this node already serves the partner's volumes"));
+            }
+            if state.role != Role::Serving {
+                return Err(refused(format!(
+                    "this node is {}, it cannot take over",
+                    state.role.as_str()
+                )));
+            }
+        }
+        // A node that was stopped while its partner took its volumes over must
+        // not take the partner's in turn (each would then own the other's).
+        let own_fence = self.state.lock().own_fence.clone();
+        if let Some(fence) = own_fence {
+            if fence.check().is_err() {
+                self.on_fenced();
+                return Err(refused(
+                    "this node's own volumes were taken over: it waits for giveback and cannot take over",
+                ));
+            }
+        }
+        let aggregate = &self.node.config.aggregate_dir;
+        let theirs = ownership::read(aggregate, partner)?;
+        let partner_mailbox = mailbox::read(aggregate, partner)?.ok_or_else(|| {
+            refused(format!(
+                "node {partner} never wrote its mailbox: its volumes are unknown"
+            ))
+        })?;
+        if partner_mailbox.half_bytes != self.node.config.nvram.half_size.0 {
+            return Err(refused(format!(
+                "node {partner}'s log halves are {} bytes, ours {}: the mirror cannot be read",
+                partner_mailbox.half_bytes, self.node.config.nvram.half_size.0
+            )));
+        }
+        let my_boot = self.node.mailbox.current().boot;
+        let out_of_sync = |mailbox: &MailboxState| {
+            if !mailbox.mirror_in_sync {
+                return Some(format!(
+                    "node {partner}'s mirror is out of sync ({}): a takeover would lose writes it acknowledged; \
+                     `nvmirror takeover --force` does it anyway",
+                    mailbox.out_of_sync_reason.as_deref().unwrap_or("no reason given")
+                ));
+            }
+            // In sync with an earlier start of this node: a power loss since
+            // may have taken mirrored bytes that were not yet persisted here.
+            (mailbox.in_sync_with_boot != Some(my_boot)).then(|| {
+                format!(
+                    "node {partner}'s mirror was last in sync with an earlier start of this node (boot {:?}, \
+                     now {my_boot}): it may lack writes node {partner} acknowledged; \
+                     `nvmirror takeover --force` does it anyway",
+                    mailbox.in_sync_with_boot
+                )
+            })
+        };
+        if !force {
+            if let Some(why) = out_of_sync(&partner_mailbox) {
+                return Err(refused(why));
+            }
+        }
+        // 1. Fence.
+        let ours = if theirs.owner == me {
+            theirs
+        } else if theirs.owner == partner {
+            ownership::change_hands(
+                aggregate,
+                &theirs,
+                me,
+                force && !partner_mailbox.mirror_in_sync,
+                false,
+                reason,
+            )?
+        } else {
+            return Err(refused(format!(
+                "node {partner}'s volumes belong to node {}",
+                theirs.owner
+            )));
+        };
+        // 2. The mirror state after the fence is what counts.
+        let after = mailbox::read(aggregate, partner)?.unwrap_or(partner_mailbox);
+        if let Some(why) = out_of_sync(&after) {
+            if !force {
+                self.state.lock().aborted_takeover = Some(ours);
+                return Err(refused(format!(
+                    "takeover stopped after fencing: {why}; or `nvmirror giveback`"
+                )));
+            }
+            tracing::warn!(%why, "forced takeover of an out-of-sync mirror: writes the mirror lacks are lost");
+        }
+        // 3 and 4. Any failure from here on leaves the volumes fenced but not
+        // served: recorded as a stopped takeover (durably: no index was saved),
+        // which a giveback hands back with the partner's log intact.
+        let indexed = (|| -> Result<(Vec<Arc<Volume>>, MailboxState, u64)> {
+            // 3. Nothing more lands in the mirror; make it durable; scan it.
+            self.node.shutdown_receiver();
+            self.node.region.persist(
+                self.node.region.mirror().offset,
+                self.node.region.mirror().len,
+            )?;
+            let image = self.node.region.snapshot(self.node.region.mirror());
+            let scanner = Scanner::new(&image)?;
+            if let Some(header) = scanner.header() {
+                if header.node_id != partner {
+                    return Err(Error::Failed {
+                        reason: format!(
+                            "the mirror holds node {}'s log, not node {partner}'s",
+                            header.node_id
+                        ),
+                    });
+                }
+            }
+            // 4. The index: every record's extent, in LSN order, newest winning.
+            let (volumes, partner_mailbox) = self.open_partner_volumes(&ours)?;
+            let records = index_records(
+                scanner,
+                &volumes,
+                self.node.region.mirror().offset,
+                Origin::Mirror,
+            );
+            self.save_index(partner, ours.epoch, &volumes)?;
+            Ok((volumes, partner_mailbox, records))
+        })();
+        let (volumes, partner_mailbox, records) = match indexed {
+            Ok(indexed) => indexed,
+            Err(error) => {
+                tracing::error!(%error, "takeover stopped after fencing");
+                self.state.lock().aborted_takeover = Some(ours);
+                self.node.bind_receiver()?;
+                return Err(refused(format!(
+                    "takeover stopped after fencing: {error}; `nvmirror giveback` hands the volumes back"
+                )));
+            }
+        };
+        // 5. Serve.
+        self.node.attach_volumes(volumes.clone());
+        self.start_replay_accounting(&volumes);
+        let resume_ms = started.elapsed().as_millis() as u64;
+        let forced = ours.forced;
+        {
+            let mut state = self.state.lock();
+            state.holding = Some(Holding {
+                ownership: ours.clone(),
+                volumes,
+            });
+            state.aborted_takeover = None;
+            state.refusal = None;
+            state.last_takeover = Some(TakeoverTimes {
+                at_unix_ms: mailbox::now_unix_ms(),
+                started,
+                resume_ms,
+                first_read_ms: None,
+                replay_ms: None,
+                forced,
+            });
+        }
+        self.serve_partner_address(&partner_mailbox);
+        self.run_hook("takeover", &partner_mailbox.nbd_listen);
+        // 6. Replay in the background (or when the caller steps it).
+        if self.options.replay == ReplayDriver::Thread {
+            let thread = self.spawn_replay();
+            *self.replay_thread.lock() = Some(thread);
+        }
+        let message = format!(
+            "took over node {partner}'s volumes at epoch {} ({records} mirrored records indexed, serving after {resume_ms} ms; replaying in the background)",
+            ours.epoch
+        );
+        tracing::warn!(records, resume_ms, epoch = ours.epoch, "takeover done");
+        Ok(message)
+    }
+
+    /// Persist the index of the partner's volumes still to replay.
+    pub(super) fn save_index(
+        &self,
+        partner: u32,
+        epoch: u64,
+        volumes: &[Arc<Volume>],
+    ) -> Result<()> {
+        // The index leaves out mirror extents that local writes replaced; those
+        // writes must be durable first, or a crash would lose both.
+        let newest = self.node.log.last_lsn();
+        if newest > 0 {
+            self.node.log.persist(newest)?;
+        }
+        let entries = volumes
+            .iter()
+            .flat_map(|volume| {
+                volume
+                    .extents
+                    .lock()
+                    .all_pieces()
+                    .into_iter()
+                    .filter(|piece| piece.origin == Origin::Mirror)
+                    .map(|piece| IndexEntry {
+                        volume_id: volume.id,
+                        start: piece.start,
+                        len: piece.len,
+                        lsn: piece.lsn,
+                        source: piece.source,
+                    })
+                    .collect::<Vec<_>>()
+            })
+            .collect();
+        TakeoverIndex {
+            partner,
+            epoch,
+            entries,
+        }
+        .save(&self.node.config.data_dir)
+    }
+
+    pub(super) fn save_holding_index(&self, holding: &Holding) -> Result<()> {
+        self.save_index(
+            holding.ownership.volumes_of,
+            holding.ownership.epoch,
+            &holding.volumes,
+        )
+    }
+
+    /// Before a consistency point frees a half: if a replay is pending, the
+    /// persisted index must not name mirror extents that writes in that half
+    /// replaced.
+    pub(super) fn save_index_if_holding(&self) -> Result<()> {
+        if !self.replay_pending() {
+            return Ok(());
+        }
+        let holding = self.state.lock().holding.clone();
+        match holding {
+            Some(holding) => self.save_holding_index(&holding),
+            None => Ok(()),
+        }
+    }
+}
