@@ -18,6 +18,7 @@ use crate::admin::{AdminHandler, AdminRefusal, AdminServer};
 use crate::clock::SystemClock;
 use crate::config::Config;
 use crate::error::{Error, Result};
+use crate::ha::status::Status;
 use crate::ha::{HaNode, HaOptions, PartnerService, ReplayDriver, Role};
 use crate::mirror::transport::NetworkInterconnect;
 use crate::nbd::{Errno, Export, ExportError, Exports, NbdServer, ServerConfig};
@@ -266,7 +267,7 @@ fn refusal(error: Error) -> AdminRefusal {
 }
 
 impl AdminHandler for NodeAdmin {
-    fn status(&self) -> serde_json::Value {
+    fn status(&self) -> Status {
         self.ha.status()
     }
 

@@ -288,7 +288,7 @@ fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
             if json {
                 print!("{body}");
             } else {
-                let document: serde_json::Value = serde_json::from_str(&body)?;
+                let document = nvmirror::admin::render::parse_status(&body)?;
                 print!("{}", nvmirror::admin::render_status(&document));
             }
         }

@@ -8,9 +8,11 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use nvmirror::admin::http::{CONNECTIONS_MAX, HEADER_SECTION_BYTES_MAX, REQUEST_LINE_BYTES_MAX};
+use nvmirror::admin::render::parse_status;
 use nvmirror::admin::{request, AdminClientError, AdminHandler, AdminRefusal, AdminServer};
+use nvmirror::ha::status::Status;
+use nvmirror::testing::fixtures::example_status;
 use parking_lot::Mutex;
-use serde_json::json;
 
 const CLIENT_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -29,9 +31,9 @@ impl TestHandler {
 }
 
 impl AdminHandler for TestHandler {
-    fn status(&self) -> serde_json::Value {
+    fn status(&self) -> Status {
         self.calls.lock().push("status".to_owned());
-        json!({"node_id": 1, "state": "serving", "volumes": [{"name": "vol0"}]})
+        example_status()
     }
 
     fn metrics(&self) -> String {
@@ -172,8 +174,8 @@ fn serves_each_route() {
     let status = get(addr, "/status");
     assert_eq!(status.status, 200, "{status:?}");
     assert_eq!(status.header("content-type"), Some("application/json"));
-    let document: serde_json::Value = serde_json::from_str(&status.body).unwrap();
-    assert_eq!(document["state"], "serving");
+    let document = parse_status(&status.body).unwrap();
+    assert_eq!(document, example_status());
     assert!(
         status.body.contains("\n  \"node_id\": 1"),
         "pretty-printed: {}",
@@ -185,7 +187,7 @@ fn serves_each_route() {
     assert!(metrics
         .header("content-type")
         .unwrap()
-        .starts_with("text/plain; version=0.0.4"));
+        .starts_with("application/openmetrics-text; version=1.0.0"));
     assert_eq!(metrics.body, "# HELP up Up.\n# TYPE up gauge\nup 1\n");
 
     let takeover = post(addr, "/takeover?force=true");
@@ -533,11 +535,10 @@ fn request_round_trip() {
     let addr = server.local_addr();
     let (status, body) = request(addr, "GET", "/status", CLIENT_TIMEOUT).unwrap();
     assert_eq!(status, 200);
-    let document: serde_json::Value = serde_json::from_str(&body).unwrap();
-    assert_eq!(document["node_id"], 1);
+    let document = parse_status(&body).unwrap();
     assert_eq!(
         nvmirror::admin::render_status(&document),
-        "node 1: serving\nvolumes:\n  vol0  node ?'s  owner ?  epoch ?  served ?  dirty ? B  ? B\n"
+        nvmirror::admin::render_status(&example_status())
     );
 
     let (status, body) = request(addr, "POST", "/takeover", CLIENT_TIMEOUT).unwrap();

@@ -7,6 +7,8 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use nix::sys::signal::Signal;
+use nvmirror::ha::status::{InterconnectView, MailboxView};
+use nvmirror::ha::Role;
 use nvmirror::nbd::client::NbdClient;
 use nvmirror::testing::harness::{PairHarness, PairSpec};
 use nvmirror::testing::workload::{self, Ledger};
@@ -104,14 +106,11 @@ fn verify(addr: std::net::SocketAddr, ledger: &Ledger) {
 fn holding(pair: &mut PairHarness, node: u32) -> bool {
     pair.node(node)
         .status()
-        .is_ok_and(|s| s["takeover"]["holding_partner_volumes"] == true)
+        .is_ok_and(|s| s.takeover.holding_partner_volumes)
 }
 
-fn state(pair: &mut PairHarness, node: u32) -> String {
-    pair.node(node)
-        .status()
-        .map(|s| s["state"].as_str().unwrap_or_default().to_owned())
-        .unwrap_or_default()
+fn state(pair: &mut PairHarness, node: u32) -> Option<Role> {
+    pair.node(node).status().ok().map(|s| s.state)
 }
 
 #[test]
@@ -136,8 +135,8 @@ fn kill9_takeover_serves_during_replay_then_giveback() {
     verify(nbd1, &before);
     let first_read_ms = killed.elapsed().as_millis();
     let status = pair.node(2).status().expect("status");
-    assert_eq!(
-        status["replay"]["active"], true,
+    assert!(
+        status.replay.active,
         "reads are served before the replay ends: {status}"
     );
     assert!(first_read_ms < 15_000);
@@ -171,12 +170,12 @@ fn kill9_takeover_serves_during_replay_then_giveback() {
     wait_for(
         "node 1 to wait for giveback",
         Duration::from_secs(10),
-        || state(&mut pair, 1) == "waiting for giveback",
+        || state(&mut pair, 1) == Some(Role::WaitingForGiveback),
     );
     let (code, body) = pair.node(2).admin_post("/giveback").expect("giveback");
     assert_eq!(code, 200, "{body}");
     wait_for("node 1 to serve again", Duration::from_secs(15), || {
-        state(&mut pair, 1) == "serving"
+        state(&mut pair, 1) == Some(Role::Serving)
     });
     verify(nbd1, &before);
     verify(nbd1, &after);
@@ -222,7 +221,7 @@ fn a_stopped_owner_is_fenced_and_neither_writes_nor_acknowledges() {
     wait_for(
         "node 1 to know it is fenced",
         Duration::from_secs(10),
-        || state(&mut pair, 1) == "fenced",
+        || state(&mut pair, 1) == Some(Role::Fenced),
     );
     // Give node 1's consistency point time to try its stale data.
     std::thread::sleep(Duration::from_secs(3));
@@ -251,8 +250,8 @@ fn an_out_of_sync_mirror_is_refused_then_forced() {
         Duration::from_secs(15),
         || {
             pair.node(2).status().is_ok_and(|s| {
-                s["takeover"]["why_not"]
-                    .as_str()
+                s.takeover
+                    .why_not
                     .is_some_and(|w| w.contains("out of sync"))
             })
         },
@@ -294,10 +293,7 @@ fn a_survivor_crash_during_replay_resumes_from_the_persisted_index() {
     });
     std::thread::sleep(Duration::from_millis(500));
     let status = pair.node(2).status().expect("status");
-    assert_eq!(
-        status["replay"]["active"], true,
-        "the replay is still running: {status}"
-    );
+    assert!(status.replay.active, "the replay is still running: {status}");
     pair.node(2).kill9();
 
     pair.node(2).start(START).expect("restart node 2");
@@ -328,9 +324,13 @@ fn an_interconnect_cut_is_not_a_takeover() {
     );
     std::thread::sleep(Duration::from_millis(2500));
     let status = pair.node(2).status().expect("status");
-    assert_eq!(status["partner"]["interconnect"], "silent", "{status}");
-    assert_eq!(status["partner"]["mailbox"], "alive", "{status}");
-    assert_eq!(status["takeover"]["possible"], false, "{status}");
+    assert_eq!(
+        status.partner.interconnect,
+        InterconnectView::Silent,
+        "{status}"
+    );
+    assert_eq!(status.partner.mailbox, MailboxView::Alive, "{status}");
+    assert!(!status.takeover.possible, "{status}");
     assert!(!holding(&mut pair, 2) && !holding(&mut pair, 1));
     assert!(
         !pair.aggregate().join("node-1.owner").exists()
@@ -365,10 +365,15 @@ fn bad_admin_requests_are_refused_clearly() {
         nvmirror::admin::request(admin, "GET", "/metrics", Duration::from_secs(5))
             .expect("metrics");
     assert_eq!(code, 200);
-    assert!(
-        metrics.contains("nvmirror_write_latency_us_bucket"),
-        "{metrics}"
-    );
+    for needle in [
+        "# TYPE nvmirror_writes counter\nnvmirror_writes_total ",
+        "nvmirror_acks_total{by=\"mirror\"} ",
+        "nvmirror_write_latency_us_bucket{le=\"+Inf\"} ",
+        "# TYPE nvmirror_mirror_in_sync gauge\n",
+    ] {
+        assert!(metrics.contains(needle), "{needle} in:\n{metrics}");
+    }
+    assert!(metrics.ends_with("# EOF\n"), "{metrics}");
     // The CLI renders the status for a person.
     let output = std::process::Command::new(env!("CARGO_BIN_EXE_nvmirror"))
         .args(["status", "--config"])
@@ -408,20 +413,14 @@ fn takeover_with_the_log_nearly_full() {
     }
     client.disconnect();
     let status = pair.node(1).status().expect("status");
-    assert!(
-        status["log"]["used_percent"].as_f64().unwrap_or(0.0) > 85.0,
-        "{status}"
-    );
+    assert!(status.log.used_percent > 85.0, "{status}");
     pair.node(1).kill9();
     wait_for("node 2 to take over", Duration::from_secs(15), || {
         holding(&mut pair, 2)
     });
     verify(nbd1, &data);
     let status = pair.node(2).status().expect("status");
-    assert!(
-        status["replay"]["total_bytes"].as_u64().unwrap_or(0) > 7 << 20,
-        "{status}"
-    );
+    assert!(status.replay.total_bytes > 7 << 20, "{status}");
 }
 
 #[test]
@@ -466,7 +465,7 @@ fn automatic_giveback_after_the_configured_delay() {
     });
     pair.node(1).start(START).expect("restart node 1");
     wait_for("the automatic giveback", Duration::from_secs(20), || {
-        state(&mut pair, 1) == "serving"
+        state(&mut pair, 1) == Some(Role::Serving)
     });
     assert!(!holding(&mut pair, 2));
     verify(nbd1, &data);

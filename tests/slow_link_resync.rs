@@ -154,12 +154,7 @@ fn a_resync_longer_than_the_heartbeat_timeout_completes() {
         ],
     );
     let status = pair.node(1).status().expect("status");
-    let used: u64 = status["log"]["halves"]
-        .as_array()
-        .expect("halves")
-        .iter()
-        .map(|half| half["used_bytes"].as_u64().expect("used_bytes"))
-        .sum();
+    let used: u64 = status.log.halves.iter().map(|half| half.used_bytes).sum();
     assert!(used >= WRITTEN_BYTES, "the log holds the writes: {status}");
 
     link.throttle();
@@ -187,7 +182,7 @@ fn a_resync_longer_than_the_heartbeat_timeout_completes() {
             let resync = pair
                 .node(1)
                 .status()
-                .map(|status| status["mirror"]["resync"].to_string())
+                .map(|status| format!("{:?}", status.mirror.resync))
                 .unwrap_or_else(|error| error.to_string());
             eprintln!("{:>6.1} s: {resync}", started.elapsed().as_secs_f64());
         }
@@ -215,11 +210,11 @@ fn a_resync_longer_than_the_heartbeat_timeout_completes() {
         tail(&log1)
     );
     let status = pair.node(1).status().expect("status");
-    let resync = &status["mirror"]["resync"];
-    assert_eq!(resync["finished"], true, "{status}");
-    assert_eq!(resync["placed_bytes"], resync["total_bytes"], "{status}");
+    let resync = status.mirror.resync.as_ref().expect("a resync ran");
+    assert!(resync.finished, "{status}");
+    assert_eq!(resync.placed_bytes, resync.total_bytes, "{status}");
     assert!(
-        resync["total_bytes"].as_u64().expect("total") < 2 * HALF_BYTES,
+        resync.total_bytes < 2 * HALF_BYTES,
         "the resync copies the used part of the log, not all of it: {status}"
     );
 

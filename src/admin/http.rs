@@ -10,7 +10,7 @@
 //! | method | path                                      | answer                                    |
 //! |--------|-------------------------------------------|-------------------------------------------|
 //! | GET    | `/status`                                 | 200 `application/json`, the status document |
-//! | GET    | `/metrics`                                | 200 `text/plain; version=0.0.4`           |
+//! | GET    | `/metrics`                                | 200 OpenMetrics text (Prometheus)         |
 //! | POST   | `/takeover`, `/takeover?force=true`       | 200 text, or the refusal's status and text |
 //! | POST   | `/giveback`                               | idem                                      |
 //! | POST   | `/fault?name=NAME&duration_ms=N`          | idem                                      |
@@ -45,9 +45,9 @@ use std::panic::{self, AssertUnwindSafe};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use serde_json::Value;
 use tracing::{debug, error, info, info_span, warn};
 
+use crate::ha::status::Status;
 use crate::tcp_service::{ConnectionLimit, ServiceState, TcpService};
 
 // ---------------------------------------------------------------------------
@@ -108,10 +108,10 @@ const _: () = assert!(CONNECTIONS_MAX >= 2);
 
 /// What the node answers through the admin endpoint.
 pub trait AdminHandler: Send + Sync + std::fmt::Debug {
-    /// The status document (schema: see [`render_status`]).
-    fn status(&self) -> Value;
-    /// Metrics in the Prometheus text exposition format (version 0.0.4);
-    /// [`MetricsText`] builds it.
+    /// The status document.
+    fn status(&self) -> Status;
+    /// Metrics in the OpenMetrics text format
+    /// ([`crate::admin::metrics::node_metrics`] builds the node's).
     fn metrics(&self) -> String;
     /// Take over the partner's volumes now (`force`: even from an
     /// out-of-sync mirror, or a partner that looks alive).
@@ -861,8 +861,7 @@ fn action(what: &str, result: Result<Result<String, AdminRefusal>, Response>) ->
 // Responses
 // ---------------------------------------------------------------------------
 
-/// Content type of `/metrics`: the Prometheus text format 0.0.4.
-pub const METRICS_CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
+pub use crate::admin::metrics::METRICS_CONTENT_TYPE;
 
 const TEXT_CONTENT_TYPE: &str = "text/plain; charset=utf-8";
 

@@ -1,133 +1,111 @@
-//! The node's metrics, in the Prometheus text format.
+//! The node's metrics for `GET /metrics`, in the OpenMetrics text format
+//! (which Prometheus scrapes): the node's counters as they stand, gauges
+//! read at the scrape, the write-latency histogram.
 
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use prometheus_client::encoding::text::encode;
+use prometheus_client::metrics::counter::ConstCounter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::ConstGauge;
+use prometheus_client::registry::Registry;
 
 use crate::ha::HaNode;
-use crate::metrics::MetricsText;
+use crate::metrics::SharedHistogram;
 
-/// The node's metrics in the Prometheus text format.
+/// The content type of the exposition.
+pub const METRICS_CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+
+/// The node's metrics, encoded.
 pub fn node_metrics(ha: &HaNode) -> String {
     let node = &ha.node;
-    let mut text = MetricsText::new();
     let stats = &node.stats;
-    let load = |counter: &std::sync::atomic::AtomicU64| counter.load(Ordering::Relaxed);
-    text.counter(
-        "nvmirror_writes_total",
-        "Writes acknowledged.",
-        &[],
-        load(&stats.writes),
+    let counter = |value: &AtomicU64| ConstCounter::new(value.load(Ordering::Relaxed));
+    let gauge = |value: u64| ConstGauge::new(i64::try_from(value).unwrap_or(i64::MAX));
+    let mut registry = Registry::with_prefix("nvmirror");
+    // Help texts get their final period from the encoder.
+    // Counters get their `_total` suffix from the encoder.
+    registry.register("writes", "Writes acknowledged", counter(&stats.writes));
+    registry.register(
+        "write_bytes",
+        "Bytes of writes acknowledged",
+        counter(&stats.write_bytes),
     );
-    text.counter(
-        "nvmirror_write_bytes_total",
-        "Bytes of writes acknowledged.",
-        &[],
-        load(&stats.write_bytes),
+    registry.register(
+        "write_errors",
+        "Writes that failed",
+        counter(&stats.write_errors),
     );
-    text.counter(
-        "nvmirror_write_errors_total",
-        "Writes that failed.",
-        &[],
-        load(&stats.write_errors),
+    let acks = Family::<
+        [(&'static str, &'static str); 1],
+        prometheus_client::metrics::counter::Counter,
+    >::default();
+    acks.get_or_create(&[("by", "mirror")])
+        .inc_by(stats.acks_mirrored.load(Ordering::Relaxed));
+    acks.get_or_create(&[("by", "local_persist")])
+        .inc_by(stats.acks_persisted.load(Ordering::Relaxed));
+    registry.register("acks", "Acknowledgements by what made the write safe", acks);
+    registry.register("reads", "Reads served", counter(&stats.reads));
+    registry.register("read_bytes", "Bytes read", counter(&stats.read_bytes));
+    registry.register("flushes", "Flushes served", counter(&stats.flushes));
+    registry.register(
+        "write_latency_us",
+        "Write latency, request to acknowledgement, in microseconds",
+        SharedHistogram(node.write_latency_us.clone()),
     );
-    text.counter(
-        "nvmirror_acks_total",
-        "Acknowledgements by what made the write safe.",
-        &[("by", "mirror")],
-        load(&stats.acks_mirrored),
+    registry.register(
+        "checkpoints",
+        "Consistency points done",
+        counter(&stats.checkpoints),
     );
-    text.counter(
-        "nvmirror_acks_total",
-        "Acknowledgements by what made the write safe.",
-        &[("by", "local_persist")],
-        load(&stats.acks_persisted),
+    registry.register(
+        "checkpoint_us",
+        "Time spent in consistency points, in microseconds",
+        counter(&stats.checkpoint_us_total),
     );
-    text.counter(
-        "nvmirror_reads_total",
-        "Reads served.",
-        &[],
-        load(&stats.reads),
+    registry.register(
+        "send_slots_in_use",
+        "Send-queue slots in flight",
+        gauge(node.mirror.slots_in_use() as u64),
     );
-    text.counter(
-        "nvmirror_read_bytes_total",
-        "Bytes read.",
-        &[],
-        load(&stats.read_bytes),
-    );
-    text.counter(
-        "nvmirror_flushes_total",
-        "Flushes served.",
-        &[],
-        load(&stats.flushes),
-    );
-    text.histogram(
-        "nvmirror_write_latency_us",
-        "Write latency, request to acknowledgement, in microseconds.",
-        &[],
-        &node.write_latency_us,
-    );
-    text.counter(
-        "nvmirror_checkpoints_total",
-        "Consistency points done.",
-        &[],
-        load(&stats.checkpoints),
-    );
-    text.counter(
-        "nvmirror_checkpoint_us_total",
-        "Time spent in consistency points, in microseconds.",
-        &[],
-        load(&stats.checkpoint_us_total),
-    );
-    text.gauge(
-        "nvmirror_send_slots_in_use",
-        "Send-queue slots in flight.",
-        &[],
-        node.mirror.slots_in_use() as u64,
-    );
-    text.gauge(
-        "nvmirror_mirror_in_sync",
-        "1 when the partner's mirror holds every acknowledged write.",
-        &[],
-        node.mailbox.current().mirror_in_sync,
+    registry.register(
+        "mirror_in_sync",
+        "1 when the partner's mirror holds every acknowledged write",
+        gauge(u64::from(node.mailbox.current().mirror_in_sync)),
     );
     let log = node.log.status();
-    text.gauge(
-        "nvmirror_log_used_bytes",
-        "Bytes used in the filling half of the log.",
-        &[],
-        log.halves[log.filling].used_bytes,
+    registry.register(
+        "log_used_bytes",
+        "Bytes used in the filling half of the log",
+        gauge(log.halves[log.filling].used_bytes),
     );
-    text.gauge(
-        "nvmirror_log_half_bytes",
-        "Bytes of one log half.",
-        &[],
-        log.half_len,
+    registry.register(
+        "log_half_bytes",
+        "Bytes of one log half",
+        gauge(log.half_len),
     );
     let status = ha.status();
-    text.gauge(
-        "nvmirror_holding_partner_volumes",
-        "1 while this node serves its partner's volumes after a takeover.",
-        &[],
-        status["takeover"]["holding_partner_volumes"]
-            .as_bool()
-            .unwrap_or(false),
+    registry.register(
+        "holding_partner_volumes",
+        "1 while this node serves its partner's volumes after a takeover",
+        gauge(u64::from(status.takeover.holding_partner_volumes)),
     );
-    text.gauge(
-        "nvmirror_replay_total_bytes",
-        "Bytes of the partner's mirror to replay after the last takeover.",
-        &[],
-        status["replay"]["total_bytes"].as_u64().unwrap_or(0),
+    registry.register(
+        "replay_total_bytes",
+        "Bytes of the partner's mirror to replay after the last takeover",
+        gauge(status.replay.total_bytes),
     );
-    text.gauge(
-        "nvmirror_replay_done_bytes",
-        "Bytes of the partner's mirror replayed so far.",
-        &[],
-        status["replay"]["done_bytes"].as_u64().unwrap_or(0),
+    registry.register(
+        "replay_done_bytes",
+        "Bytes of the partner's mirror replayed so far",
+        gauge(status.replay.done_bytes),
     );
-    text.counter(
-        "nvmirror_takeovers_total",
-        "Takeovers done by this node since it started.",
-        &[],
-        u64::from(status["last_takeover"].is_object()),
+    registry.register(
+        "takeovers",
+        "Takeovers done by this node since it started",
+        ConstCounter::new(u64::from(status.last_takeover.is_some())),
     );
-    text.finish()
+    let mut text = String::new();
+    encode(&mut text, &registry).expect("encoding into a String cannot fail");
+    text
 }

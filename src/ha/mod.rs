@@ -69,14 +69,18 @@ use crate::storage::ownership::{Fence, Ownership};
 use crate::storage::volume::Volume;
 
 /// What this node does with its own volumes.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum Role {
+    #[serde(rename = "starting")]
     Starting,
     /// Serving its own volumes.
+    #[serde(rename = "serving")]
     Serving,
     /// Its volumes were taken over; it waits for them to be given back.
+    #[serde(rename = "waiting for giveback")]
     WaitingForGiveback,
     /// It was serving, and found that the partner took its volumes.
+    #[serde(rename = "fenced")]
     Fenced,
 }
 

@@ -39,11 +39,14 @@ use crate::error::Result;
 use crate::mirror::transport::Interconnect;
 use crate::storage::mailbox::Mailbox;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[repr(u8)]
 pub enum Link {
+    #[serde(rename = "down")]
     Down = 0,
+    #[serde(rename = "resyncing")]
     Resyncing = 1,
+    #[serde(rename = "in sync")]
     InSync = 2,
 }
 

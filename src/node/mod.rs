@@ -101,7 +101,7 @@ pub struct Node {
     pub mailbox: Arc<Mailbox>,
     pub stats: Stats,
     /// Write latency in microseconds, for metrics.
-    pub write_latency_us: Histogram,
+    pub write_latency_us: Arc<Histogram>,
     pub environment: Environment,
     hooks: OnceLock<Weak<dyn NodeHooks>>,
     cp_signal: Mutex<CpSignal>,
@@ -213,7 +213,7 @@ impl Node {
             mirror,
             mailbox,
             stats: Stats::default(),
-            write_latency_us: Histogram::latency_us(),
+            write_latency_us: Arc::new(Histogram::latency_us()),
             environment,
             hooks: OnceLock::new(),
             cp_signal: Mutex::new(CpSignal::default()),

@@ -24,6 +24,7 @@ use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
 
 use crate::error::{Error, Result};
+use crate::ha::Role;
 use crate::nbd::client::NbdClient;
 use crate::testing::harness::{PairHarness, PairSpec};
 use crate::testing::workload::{self, block_pattern, Ledger, BLOCK_BYTES};
@@ -354,14 +355,11 @@ fn write_until_stopped(
 fn holding(pair: &mut PairHarness, node: u32) -> bool {
     pair.node(node)
         .status()
-        .is_ok_and(|s| s["takeover"]["holding_partner_volumes"] == true)
+        .is_ok_and(|s| s.takeover.holding_partner_volumes)
 }
 
-fn state_of(pair: &mut PairHarness, node: u32) -> String {
-    pair.node(node)
-        .status()
-        .map(|s| s["state"].as_str().unwrap_or_default().to_owned())
-        .unwrap_or_default()
+fn state_of(pair: &mut PairHarness, node: u32) -> Option<Role> {
+    pair.node(node).status().ok().map(|s| s.state)
 }
 
 fn wait_until(what: &str, timeout: Duration, mut condition: impl FnMut() -> bool) -> Result<()> {
@@ -507,21 +505,21 @@ fn run_cycle(
         }
         wait_until("the victim to wait for giveback", START, || {
             matches!(
-                state_of(pair, victim).as_str(),
-                "waiting for giveback" | "fenced"
+                state_of(pair, victim),
+                Some(Role::WaitingForGiveback | Role::Fenced)
             )
         })?;
         let status = pair.node(survivor).status()?;
-        report.resume_ms = status["last_takeover"]["resume_ms"].as_u64();
+        report.resume_ms = status.last_takeover.map(|t| t.resume_ms);
         let (code, body) = pair.node(survivor).admin_post("/giveback")?;
         if code != 200 {
             return Err(failed(format!("giveback: HTTP {code}: {body}")));
         }
         wait_until("the victim to serve again", START, || {
-            state_of(pair, victim) == "serving"
+            state_of(pair, victim) == Some(Role::Serving)
         })?;
         let status = pair.node(survivor).status()?;
-        report.replay_ms = status["last_takeover"]["replay_ms"].as_u64();
+        report.replay_ms = status.last_takeover.and_then(|t| t.replay_ms);
         pair.wait_in_sync(victim, START)?;
         pair.wait_in_sync(survivor, START)?;
     }
@@ -648,9 +646,9 @@ fn profile_takeover(options: &DrillOptions) -> Result<(bool, String)> {
             std::thread::sleep(Duration::from_millis(10));
         }
         wait_until("the replay to end", Duration::from_secs(120), || {
-            pair.node(2).status().is_ok_and(|s| {
-                s["takeover"]["holding_partner_volumes"] == true && s["replay"]["active"] == false
-            })
+            pair.node(2)
+                .status()
+                .is_ok_and(|s| s.takeover.holding_partner_volumes && !s.replay.active)
         })?;
         let replayed_ms = killed.elapsed().as_millis() as u64;
         let status = pair.node(2).status()?;
@@ -660,9 +658,9 @@ fn profile_takeover(options: &DrillOptions) -> Result<(bool, String)> {
             report,
             "{:>8}% {:>12.1} {:>13} ms {:>9} ms {:>11} ms {:>10}",
             percent,
-            status["replay"]["total_bytes"].as_u64().unwrap_or(0) as f64 / (1 << 20) as f64,
+            status.replay.total_bytes as f64 / (1 << 20) as f64,
             opt(first_read_ms),
-            opt(status["last_takeover"]["resume_ms"].as_u64()),
+            opt(status.last_takeover.map(|t| t.resume_ms)),
             replayed_ms,
             if mismatches == 0 {
                 format!("{blocks} ok")

@@ -7,7 +7,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use crate::admin::render::parse_status;
 use crate::error::{Error, Result};
+use crate::ha::status::Status;
 use crate::storage::mailbox::{self, MailboxState};
 
 /// What the pair looks like.
@@ -166,20 +168,17 @@ impl PairHarness {
             let resync = self.nodes[(node_id - 1) as usize]
                 .status()
                 .ok()
-                .map(|status| status["mirror"]["resync"].clone())
-                .filter(|resync| !resync.is_null());
-            let placed = resync
-                .as_ref()
-                .and_then(|resync| resync["placed_bytes"].as_u64())
-                .unwrap_or(0);
+                .and_then(|status| status.mirror.resync);
+            let placed = resync.as_ref().map_or(0, |resync| resync.placed_bytes);
             if placed > furthest_bytes {
                 furthest_bytes = placed;
                 progress_at = now;
             }
             let describe = || {
-                resync
-                    .as_ref()
-                    .map_or_else(|| "not started".to_owned(), |r| r.to_string())
+                resync.as_ref().map_or_else(
+                    || "not started".to_owned(),
+                    |r| serde_json::to_string(r).unwrap_or_default(),
+                )
             };
             if now.duration_since(progress_at) > timeout {
                 return Err(Error::Failed {
@@ -260,7 +259,7 @@ impl NodeProcess {
     }
 
     /// GET /status from the node's admin endpoint.
-    pub fn status(&self) -> Result<serde_json::Value> {
+    pub fn status(&self) -> Result<Status> {
         let (code, body) =
             crate::admin::request(self.admin, "GET", "/status", Duration::from_secs(10)).map_err(
                 |error| Error::Failed {
@@ -272,9 +271,7 @@ impl NodeProcess {
                 reason: format!("node {} status: HTTP {code}: {body}", self.node_id),
             });
         }
-        serde_json::from_str(&body).map_err(|error| Error::Failed {
-            reason: error.to_string(),
-        })
+        parse_status(&body).map_err(|reason| Error::Failed { reason })
     }
 
     /// POST an admin action; returns (HTTP status, body).

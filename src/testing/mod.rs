@@ -4,6 +4,7 @@
 //! drills built on them ([`drill`]).
 
 pub mod drill;
+pub mod fixtures;
 pub mod harness;
 pub mod sim;
 pub mod workload;
