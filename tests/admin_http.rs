@@ -367,7 +367,7 @@ fn malformed_requests_get_400_with_a_reason() {
         ("GET /status HTTP/3.0\r\nHost: a\r\n\r\n", "not supported"),
         (
             "GET /status HTTP/1.1\r\nHost: a\r\nBad Header: x\r\n\r\n",
-            "invalid header name",
+            "invalid header field",
         ),
         (
             "\x16\x03\x01\x02\x00\x01\x00\x01\x7f\x03\x03\r\n\r\n",

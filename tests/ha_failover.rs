@@ -293,7 +293,10 @@ fn a_survivor_crash_during_replay_resumes_from_the_persisted_index() {
     });
     std::thread::sleep(Duration::from_millis(500));
     let status = pair.node(2).status().expect("status");
-    assert!(status.replay.active, "the replay is still running: {status}");
+    assert!(
+        status.replay.active,
+        "the replay is still running: {status}"
+    );
     pair.node(2).kill9();
 
     pair.node(2).start(START).expect("restart node 2");

@@ -14,6 +14,8 @@ pub mod client;
 pub mod http;
 pub mod metrics;
 pub mod render;
+mod request;
+mod routes;
 
 pub use client::{request, AdminClientError};
 pub use http::{AdminHandler, AdminRefusal, AdminServer};

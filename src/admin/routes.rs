@@ -1,0 +1,328 @@
+//! The admin endpoint's routes, what each calls on the handler, and the
+//! responses it writes.
+
+use std::collections::HashSet;
+use std::fmt::Write as _;
+use std::net::SocketAddr;
+use std::panic::{self, AssertUnwindSafe};
+
+use tracing::{debug, error, info};
+
+use crate::admin::http::{AdminHandler, AdminRefusal, FAULT_DURATION_MS_MAX, FAULT_NAME_BYTES_MAX};
+use crate::admin::request::{quote, quote_raw, Request};
+
+// ---------------------------------------------------------------------------
+// Routing
+// ---------------------------------------------------------------------------
+
+/// The routes: path, the one method it takes, the query keys it knows.
+pub(crate) const ROUTES: &[(&str, &str, &[&str])] = &[
+    ("/status", "GET", &[]),
+    ("/metrics", "GET", &[]),
+    ("/takeover", "POST", &["force"]),
+    ("/giveback", "POST", &[]),
+    ("/fault", "POST", &["name", "duration_ms"]),
+];
+
+/// What a well-formed request asks of the handler.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum Call {
+    Status,
+    Metrics,
+    Takeover { force: bool },
+    Giveback,
+    Fault { name: String, duration_ms: u64 },
+}
+
+/// The call a request makes, or the 404, 405 or 400 to answer.
+pub(crate) fn resolve(request: &Request) -> Result<Call, Response> {
+    let bad = |message: String| Err(Response::bad_request(message));
+    let Some(&(path, method, keys)) = ROUTES.iter().find(|(path, ..)| *path == request.path) else {
+        return Err(Response::text(
+            404,
+            format!("no such path {}", quote(request.path.as_bytes())),
+        ));
+    };
+    if request.method != method {
+        let mut response = Response::text(
+            405,
+            format!(
+                "{path} takes {method}, not {}",
+                quote_raw(request.method.as_bytes())
+            ),
+        );
+        response.allow = Some(method);
+        return Err(response);
+    }
+    let mut seen = HashSet::new();
+    for (key, _) in &request.query {
+        if !keys.contains(&key.as_str()) {
+            return bad(format!(
+                "unknown query parameter {} for {path}",
+                quote(key.as_bytes())
+            ));
+        }
+        if !seen.insert(key.as_str()) {
+            return bad(format!(
+                "query parameter {} given more than once",
+                quote(key.as_bytes())
+            ));
+        }
+    }
+    let param = |key: &str| {
+        request
+            .query
+            .iter()
+            .find(|(k, _)| k == key)
+            .map(|(_, v)| v.as_str())
+    };
+    match path {
+        "/status" => Ok(Call::Status),
+        "/metrics" => Ok(Call::Metrics),
+        "/takeover" => match param("force") {
+            None | Some("false") => Ok(Call::Takeover { force: false }),
+            Some("true") => Ok(Call::Takeover { force: true }),
+            Some(other) => bad(format!(
+                "force must be true or false, not {}",
+                quote(other.as_bytes())
+            )),
+        },
+        "/giveback" => Ok(Call::Giveback),
+        "/fault" => {
+            let Some(name) = param("name") else {
+                return bad("missing query parameter name".to_owned());
+            };
+            if name.is_empty()
+                || name.len() > FAULT_NAME_BYTES_MAX
+                || !name.bytes().all(|b| b.is_ascii_graphic())
+            {
+                return bad(format!(
+                    "invalid fault name {} (1 to {FAULT_NAME_BYTES_MAX} visible ASCII characters)",
+                    quote(name.as_bytes())
+                ));
+            }
+            let Some(duration) = param("duration_ms") else {
+                return bad("missing query parameter duration_ms".to_owned());
+            };
+            match parse_decimal(duration) {
+                Some(duration_ms) if duration_ms <= FAULT_DURATION_MS_MAX => Ok(Call::Fault {
+                    name: name.to_owned(),
+                    duration_ms,
+                }),
+                Some(_) => bad(format!(
+                    "duration_ms {} is over the limit of {FAULT_DURATION_MS_MAX}",
+                    quote(duration.as_bytes())
+                )),
+                None => bad(format!(
+                    "duration_ms must be a number of milliseconds, not {}",
+                    quote(duration.as_bytes())
+                )),
+            }
+        }
+        _ => unreachable!("route {path} has no arm"),
+    }
+}
+
+/// Asks the handler; its answer (or refusal) becomes the response.
+pub(crate) fn execute(handler: &dyn AdminHandler, call: &Call, peer: SocketAddr) -> Response {
+    match call {
+        Call::Status => {
+            debug!("admin: status");
+            match call_handler(|| handler.status()) {
+                Ok(status) => match serde_json::to_string_pretty(&status) {
+                    Ok(mut body) => {
+                        body.push('\n');
+                        Response {
+                            status: 200,
+                            content_type: "application/json",
+                            body,
+                            allow: None,
+                        }
+                    }
+                    Err(err) => {
+                        error!(error = %err, "cannot serialize the status document");
+                        Response::text(500, "cannot serialize the status document".to_owned())
+                    }
+                },
+                Err(response) => response,
+            }
+        }
+        Call::Metrics => {
+            debug!("admin: metrics");
+            match call_handler(|| handler.metrics()) {
+                Ok(body) => Response {
+                    status: 200,
+                    content_type: METRICS_CONTENT_TYPE,
+                    body,
+                    allow: None,
+                },
+                Err(response) => response,
+            }
+        }
+        &Call::Takeover { force } => {
+            info!(%peer, force, "admin: takeover requested");
+            action("takeover", call_handler(|| handler.takeover(force)))
+        }
+        Call::Giveback => {
+            info!(%peer, "admin: giveback requested");
+            action("giveback", call_handler(|| handler.giveback()))
+        }
+        Call::Fault { name, duration_ms } => {
+            info!(%peer, name, duration_ms, "admin: fault injection requested");
+            action("fault", call_handler(|| handler.fault(name, *duration_ms)))
+        }
+    }
+}
+
+/// Unsigned decimal digits only (no sign, no spaces), within u64.
+pub(crate) fn parse_decimal(text: &str) -> Option<u64> {
+    if text.is_empty() || !text.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    text.parse().ok()
+}
+
+/// Runs a handler call; a panic in it is the node's bug, answered 500
+/// rather than a dropped connection.
+pub(crate) fn call_handler<T>(call: impl FnOnce() -> T) -> Result<T, Response> {
+    panic::catch_unwind(AssertUnwindSafe(call)).map_err(|_| {
+        error!("admin handler panicked");
+        Response::text(
+            500,
+            "internal error: the node's handler panicked".to_owned(),
+        )
+    })
+}
+
+pub(crate) fn action(
+    what: &str,
+    result: Result<Result<String, AdminRefusal>, Response>,
+) -> Response {
+    match result {
+        Ok(Ok(message)) => {
+            info!(message = message.trim_end(), "admin: {what} done");
+            Response::text(200, message)
+        }
+        Ok(Err(refusal)) => {
+            let status = if (400..=599).contains(&refusal.status) {
+                refusal.status
+            } else {
+                error!(
+                    status = refusal.status,
+                    "admin handler refused with a status outside 400..=599; sending 500"
+                );
+                500
+            };
+            info!(
+                status,
+                message = refusal.message.trim_end(),
+                "admin: {what} refused"
+            );
+            Response::text(status, refusal.message)
+        }
+        Err(response) => response,
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Responses
+// ---------------------------------------------------------------------------
+
+pub use crate::admin::metrics::METRICS_CONTENT_TYPE;
+
+pub(crate) const TEXT_CONTENT_TYPE: &str = "text/plain; charset=utf-8";
+
+#[derive(Debug)]
+pub(crate) struct Response {
+    pub(crate) status: u16,
+    pub(crate) content_type: &'static str,
+    pub(crate) body: String,
+    /// The `Allow` header of a 405.
+    pub(crate) allow: Option<&'static str>,
+}
+
+impl Response {
+    /// A plain-text response; the body ends with exactly one newline.
+    pub(crate) fn text(status: u16, message: String) -> Response {
+        let mut body = message;
+        let trimmed = body.trim_end_matches(['\r', '\n']).len();
+        body.truncate(trimmed);
+        body.push('\n');
+        Response {
+            status,
+            content_type: TEXT_CONTENT_TYPE,
+            body,
+            allow: None,
+        }
+    }
+
+    pub(crate) fn bad_request(message: String) -> Response {
+        Response::text(400, message)
+    }
+
+    pub(crate) fn to_bytes(&self) -> Vec<u8> {
+        let mut head = format!(
+            "HTTP/1.1 {} {}\r\nContent-Type: {}\r\nContent-Length: {}\r\n\
+             Cache-Control: no-store\r\nConnection: close\r\n",
+            self.status,
+            reason_phrase(self.status),
+            self.content_type,
+            self.body.len()
+        );
+        if let Some(allow) = self.allow {
+            let _ = write!(head, "Allow: {allow}\r\n");
+        }
+        head.push_str("\r\n");
+        let mut bytes = head.into_bytes();
+        bytes.extend_from_slice(self.body.as_bytes());
+        bytes
+    }
+}
+
+pub(crate) fn reason_phrase(status: u16) -> &'static str {
+    match status {
+        200 => "OK",
+        400 => "Bad Request",
+        403 => "Forbidden",
+        404 => "Not Found",
+        405 => "Method Not Allowed",
+        408 => "Request Timeout",
+        409 => "Conflict",
+        423 => "Locked",
+        429 => "Too Many Requests",
+        500 => "Internal Server Error",
+        501 => "Not Implemented",
+        503 => "Service Unavailable",
+        505 => "HTTP Version Not Supported",
+        // The reason phrase may be empty (RFC 9112, 4).
+        _ => "",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::admin::client::parse_response;
+
+    #[test]
+    pub(crate) fn response_bytes_are_well_formed() {
+        let mut response = Response::text(405, "no\n\n".to_owned());
+        response.allow = Some("GET");
+        let bytes = String::from_utf8(response.to_bytes()).unwrap();
+        assert!(
+            bytes.starts_with("HTTP/1.1 405 Method Not Allowed\r\n"),
+            "{bytes}"
+        );
+        assert!(bytes.contains("\r\nAllow: GET\r\n"));
+        assert!(bytes.contains("\r\nConnection: close\r\n"));
+        assert!(bytes.ends_with("\r\nContent-Length: 3\r\nCache-Control: no-store\r\nConnection: close\r\nAllow: GET\r\n\r\nno\n"));
+        assert_eq!(
+            parse_response(bytes.as_bytes()).unwrap(),
+            (405, "no\n".to_owned())
+        );
+        // An unknown status has an empty reason phrase, which the client takes.
+        let bytes = Response::text(422, "x".to_owned()).to_bytes();
+        assert!(bytes.starts_with(b"HTTP/1.1 422 \r\n"));
+        assert_eq!(parse_response(&bytes).unwrap().0, 422);
+    }
+}
