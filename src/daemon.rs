@@ -21,10 +21,10 @@ use crate::error::{Error, Result};
 use crate::ha::status::Status;
 use crate::ha::{HaNode, HaOptions, PartnerService, ReplayDriver, Role};
 use crate::mirror::transport::NetworkInterconnect;
-use crate::nbd::{Errno, Export, ExportError, Exports, NbdServer, ServerConfig};
 use crate::node::{spawn, Environment, Node};
 use crate::storage::disk::FileDisks;
 use crate::storage::volume::Volume;
+use nbd::{Errno, Export, ExportError, Exports, NbdServer, ServerConfig};
 
 /// A node running on this machine: its threads, HA over it, and the NBD
 /// listener of the partner's address while it holds the partner's volumes.
@@ -316,7 +316,7 @@ pub fn run_node(config: Config) -> Result<()> {
     let listen = config.nbd.listen;
     let admin_listen = config.ha.admin_listen;
     let running = RunningNode::start(config)?;
-    let exports: Arc<dyn crate::nbd::Exports> = Arc::new(NodeExports::new(running.node().clone()));
+    let exports: Arc<dyn nbd::Exports> = Arc::new(NodeExports::new(running.node().clone()));
     let server = Arc::new(Mutex::new(None::<NbdServer>));
     match NbdServer::bind(listen, exports.clone(), ServerConfig::default()) {
         Ok(bound) => *server.lock() = Some(bound),

@@ -6,10 +6,10 @@
 use std::path::Path;
 use std::time::{Duration, Instant};
 
+use nbd::client::NbdClient;
 use nix::sys::signal::Signal;
 use nvmirror::ha::status::{InterconnectView, MailboxView};
 use nvmirror::ha::Role;
-use nvmirror::nbd::client::NbdClient;
 use nvmirror::testing::harness::{PairHarness, PairSpec};
 use nvmirror::testing::workload::{self, Ledger};
 

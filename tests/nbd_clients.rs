@@ -13,8 +13,8 @@ use std::process::{Command, ExitStatus, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use nvmirror::nbd::testing::{ExportList, MemExport};
-use nvmirror::nbd::{Exports, NbdServer, ServerConfig};
+use nbd::testing::{ExportList, MemExport};
+use nbd::{Exports, NbdServer, ServerConfig};
 
 /// No client invocation may take longer.
 const CLIENT_DEADLINE: Duration = Duration::from_secs(30);

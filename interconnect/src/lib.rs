@@ -28,10 +28,13 @@
 //! The loom model of the slot accounting runs with
 //! `RUSTFLAGS="--cfg loom" CARGO_TARGET_DIR=target/loom cargo test -p interconnect --release --lib loom`.
 
+#![deny(unsafe_code)]
+
 pub mod auth;
 pub mod control;
 mod error;
 pub mod inproc;
+#[allow(unsafe_code)] // shared memory the transports read and write
 mod memory;
 pub mod pacing;
 pub mod queue;

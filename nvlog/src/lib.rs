@@ -11,12 +11,15 @@
 //!
 //! This crate knows nothing of volumes or of the interconnect.
 
+#![deny(unsafe_code)]
+
 pub mod error;
 pub mod header;
 pub mod log;
 pub mod record;
 pub mod region;
 pub mod scan;
+#[allow(unsafe_code)] // the crate's one unsafe module
 mod sys;
 
 pub use error::{Error, Result};

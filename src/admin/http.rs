@@ -47,7 +47,7 @@ use tracing::{debug, info_span, warn};
 use crate::admin::request::parse_request;
 use crate::admin::routes::{execute, resolve, Response};
 use crate::ha::status::Status;
-use crate::tcp_service::{ConnectionLimit, ServiceState, TcpService};
+use nbd::service::{ConnectionLimit, ServiceState, TcpService};
 
 // ---------------------------------------------------------------------------
 // Limits

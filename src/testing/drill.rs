@@ -25,9 +25,9 @@ use rand::{Rng, SeedableRng};
 
 use crate::error::{Error, Result};
 use crate::ha::Role;
-use crate::nbd::client::NbdClient;
 use crate::testing::harness::{PairHarness, PairSpec};
 use crate::testing::workload::{self, block_pattern, Ledger, BLOCK_BYTES};
+use nbd::client::NbdClient;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Fault {

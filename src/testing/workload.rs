@@ -10,7 +10,7 @@ use std::time::Instant;
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
 
-use crate::nbd::client::{ClientError, NbdClient};
+use nbd::client::{ClientError, NbdClient};
 
 pub const BLOCK_BYTES: usize = 4096;
 const WORDS_PER_BLOCK: usize = BLOCK_BYTES / 8;

@@ -116,6 +116,7 @@
 
 mod receiver;
 mod sender;
+#[allow(unsafe_code)] // the verbs and rdma_cm calls
 pub mod verbs;
 pub mod wire;
 

@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use parking_lot::RwLock;
 
-use super::{Errno, Export, ExportError, Exports};
+use crate::{Errno, Export, ExportError, Exports};
 
 /// A volume held in memory: a `Vec<u8>` behind a lock, with counters of
 /// the operations it served.

@@ -11,19 +11,28 @@
 //! The node plugs in through two traits: [`Exports`] (which volumes are
 //! served, looked up at connect time) and [`Export`] (one volume's I/O).
 //!
-//! Layout: `proto` holds the wire format, `server` the listener and the
-//! per-connection handshake and transmission loops, [`testing`] an
-//! in-memory export for tests.
+//! Layout: [`proto`] holds the wire format; `server` the listener and a
+//! connection's life, `handshake` its option haggling, `transmission` its
+//! requests and replies, `admission` the bound on what it has in flight;
+//! [`client`] a small client; [`service`] the threaded TCP service the
+//! server runs on (the node's admin endpoint runs on it too); [`testing`]
+//! an in-memory export for tests.
+
+#![deny(unsafe_code)]
 
 use std::fmt;
 use std::sync::Arc;
 
+mod admission;
 pub mod client;
+mod handshake;
 pub mod proto;
 mod server;
+pub mod service;
 pub mod testing;
 #[cfg(test)]
 mod tests;
+mod transmission;
 
 pub use server::{NbdServer, ServerConfig};
 

@@ -10,9 +10,9 @@ use std::time::{Duration, Instant};
 
 use parking_lot::{Condvar, Mutex};
 
-use super::proto::*;
-use super::testing::{ExportList, MemExport};
-use super::{Errno, Export, ExportError, NbdServer, ServerConfig};
+use crate::proto::*;
+use crate::testing::{ExportList, MemExport};
+use crate::{Errno, Export, ExportError, NbdServer, ServerConfig};
 
 /// No test waits longer than this for the server.
 const CLIENT_TIMEOUT: Duration = Duration::from_secs(10);
