@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant};
 
-use nvmirror::admin::http::{CONNECTIONS_MAX, HEADER_SECTION_BYTES_MAX, REQUEST_LINE_BYTES_MAX};
+use nvmirror::admin::limits::{CONNECTIONS_MAX, HEADER_SECTION_BYTES_MAX, REQUEST_LINE_BYTES_MAX};
 use nvmirror::admin::render::parse_status;
 use nvmirror::admin::{request, AdminClientError, AdminHandler, AdminRefusal, AdminServer};
 use nvmirror::ha::status::Status;

@@ -8,8 +8,10 @@ use std::time::Instant;
 
 use tracing::debug;
 
+use crate::connection::{
+    io_error, is_disconnect, ConnectionError, Shared, OPTION_DISCARD_BYTES_MAX,
+};
 use crate::proto::{self, InfoRequest, OptionHeader};
-use crate::server::{io_error, is_disconnect, ConnectionError, Shared, OPTION_DISCARD_BYTES_MAX};
 use crate::Export;
 
 // ---------------------------------------------------------------------------

@@ -25,6 +25,7 @@ use std::sync::Arc;
 
 mod admission;
 pub mod client;
+mod connection;
 mod handshake;
 pub mod proto;
 mod server;
@@ -34,7 +35,8 @@ pub mod testing;
 mod tests;
 mod transmission;
 
-pub use server::{NbdServer, ServerConfig};
+pub use connection::ServerConfig;
+pub use server::NbdServer;
 
 /// An NBD error value the server puts in a reply.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]

@@ -10,12 +10,12 @@ use parking_lot::Mutex;
 use tracing::{debug, info, trace, warn, Span};
 
 use crate::admission::{InFlight, Slot};
-use crate::handshake::Negotiated;
-use crate::proto::{self, RequestHeader};
-use crate::server::{
+use crate::connection::{
     io_error, is_disconnect, ConnectionError, ServerConfig, Shared, FLAGS_VALID,
     FLAGS_VALID_WRITE_ZEROES, READ_BUFFER_BYTES, WRITE_DISCARD_BYTES_MAX,
 };
+use crate::handshake::Negotiated;
+use crate::proto::{self, RequestHeader};
 use crate::{Errno, Export, ExportError};
 
 // ---------------------------------------------------------------------------

@@ -1,8 +1,7 @@
 //! The crate's one error type.
 
+use std::fmt;
 use std::path::PathBuf;
-
-use crate::scan::StopReason;
 
 /// Everything that can go wrong in the NVLog, with the context an operator
 /// needs to act on it (which file, which offset, which LSN).
@@ -93,3 +92,69 @@ pub enum Error {
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Why the scanner stopped where it did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StopReason {
+    /// All-zero bytes: never written.
+    Empty,
+    BadMagic,
+    HeaderCrc,
+    UnknownVersion {
+        version: u16,
+    },
+    UnknownKind {
+        code: u8,
+    },
+    /// The record's lengths contradict each other or run past its half.
+    BadLength,
+    PayloadCrc,
+    /// A record from an earlier pass of the half.
+    StaleGeneration {
+        found: u64,
+        expected: u64,
+    },
+    /// A generation the header never handed out.
+    FutureGeneration {
+        found: u64,
+        expected: u64,
+    },
+    LsnGap {
+        found: u64,
+        expected: u64,
+    },
+    /// No room for another record header in the half.
+    EndOfHalf,
+}
+
+impl fmt::Display for StopReason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            StopReason::Empty => write!(f, "empty (never written)"),
+            StopReason::BadMagic => write!(f, "bad magic"),
+            StopReason::HeaderCrc => write!(f, "header CRC mismatch"),
+            StopReason::UnknownVersion { version } => {
+                write!(f, "unknown record format version {version}")
+            }
+            StopReason::UnknownKind { code } => write!(f, "unknown record kind {code}"),
+            StopReason::BadLength => write!(f, "inconsistent record length"),
+            StopReason::PayloadCrc => write!(f, "payload CRC mismatch"),
+            StopReason::StaleGeneration { found, expected } => {
+                write!(
+                    f,
+                    "stale generation {found} (half is in generation {expected})"
+                )
+            }
+            StopReason::FutureGeneration { found, expected } => {
+                write!(
+                    f,
+                    "generation {found} from the future (half is in generation {expected})"
+                )
+            }
+            StopReason::LsnGap { found, expected } => {
+                write!(f, "LSN gap: found {found}, expected {expected}")
+            }
+            StopReason::EndOfHalf => write!(f, "end of half"),
+        }
+    }
+}

@@ -25,8 +25,8 @@
 
 use std::fmt;
 
+use crate::error::StopReason;
 use crate::error::{Error, Result};
-use crate::scan::StopReason;
 
 pub const RECORD_MAGIC: [u8; 4] = *b"NVRC";
 pub const RECORD_FORMAT_VERSION: u16 = 1;

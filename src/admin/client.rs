@@ -4,9 +4,8 @@ use std::io::{self, Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::time::{Duration, Instant};
 
-use crate::admin::http::{REQUEST_LINE_BYTES_MAX, RESPONSE_BYTES_MAX};
-use crate::admin::request::{is_tchar, quote};
-use crate::admin::routes::parse_decimal;
+use crate::admin::limits::{REQUEST_LINE_BYTES_MAX, RESPONSE_BYTES_MAX};
+use crate::admin::request::{is_tchar, parse_decimal, quote};
 
 // ---------------------------------------------------------------------------
 // Client

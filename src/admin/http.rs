@@ -44,92 +44,15 @@ use std::time::{Duration, Instant};
 
 use tracing::{debug, info_span, warn};
 
+pub use crate::admin::handler::{AdminHandler, AdminRefusal};
+use crate::admin::limits::{
+    BUSY_WRITE_TIMEOUT, CONNECTIONS_MAX, CONNECTION_TIMEOUT, HEADER_SECTION_BYTES_MAX,
+    HEAD_BYTES_MAX, LINGER_BYTES_MAX, LINGER_DURATION, REQUEST_LINE_BYTES_MAX,
+};
 use crate::admin::request::parse_request;
-use crate::admin::routes::{execute, resolve, Response};
-use crate::ha::status::Status;
+use crate::admin::response::{header_section_too_long, request_line_too_long, Response};
+use crate::admin::routes::{execute, resolve};
 use nbd::service::{ConnectionLimit, ServiceState, TcpService};
-
-// ---------------------------------------------------------------------------
-// Limits
-// ---------------------------------------------------------------------------
-
-/// Default bound on receiving a connection's request head, and on writing
-/// each response.
-pub const CONNECTION_TIMEOUT: Duration = Duration::from_secs(5);
-
-/// Longest request line, without its CRLF.
-pub const REQUEST_LINE_BYTES_MAX: usize = 8 << 10;
-
-/// Longest header section: the header lines with their CRLFs and the final
-/// empty line.
-pub const HEADER_SECTION_BYTES_MAX: usize = 16 << 10;
-
-/// Most header fields in one request.
-pub const HEADERS_MAX: usize = 100;
-
-/// Connections served at once; one more is answered 503 and closed. An
-/// operator's CLI, a scraper and a monitoring probe fit with room to spare.
-pub const CONNECTIONS_MAX: usize = 8;
-
-/// Longest fault name accepted by `/fault`.
-pub const FAULT_NAME_BYTES_MAX: usize = 64;
-
-/// Longest fault a drill may inject through `/fault`: an hour.
-pub const FAULT_DURATION_MS_MAX: u64 = 60 * 60 * 1000;
-
-/// Largest response [`request`] accepts (metrics of many volumes fit).
-pub const RESPONSE_BYTES_MAX: usize = 16 << 20;
-
-/// The head can be no longer than this: the request line, its CRLF, the
-/// header section.
-const HEAD_BYTES_MAX: usize = REQUEST_LINE_BYTES_MAX + 2 + HEADER_SECTION_BYTES_MAX;
-
-/// After an error response, the server reads (and discards) what the client
-/// still sends, for at most this long and this many bytes, before it
-/// closes: closing a socket with unread input resets the connection, and
-/// the client could lose the response.
-const LINGER_DURATION: Duration = Duration::from_secs(1);
-const LINGER_BYTES_MAX: usize = 256 << 10;
-
-/// Bounds writing the 503 to a connection over [`CONNECTIONS_MAX`], which
-/// the accept thread does itself.
-const BUSY_WRITE_TIMEOUT: Duration = Duration::from_millis(200);
-
-/// Longest piece of client input quoted in an error message or a log line.
-pub(crate) const QUOTE_CHARS_MAX: usize = 64;
-
-const _: () = assert!(HEAD_BYTES_MAX < RESPONSE_BYTES_MAX);
-const _: () = assert!(CONNECTIONS_MAX >= 2);
-
-// ---------------------------------------------------------------------------
-// The handler: what the node implements
-// ---------------------------------------------------------------------------
-
-/// What the node answers through the admin endpoint.
-pub trait AdminHandler: Send + Sync + std::fmt::Debug {
-    /// The status document.
-    fn status(&self) -> Status;
-    /// Metrics in the OpenMetrics text format
-    /// ([`crate::admin::metrics::node_metrics`] builds the node's).
-    fn metrics(&self) -> String;
-    /// Take over the partner's volumes now (`force`: even from an
-    /// out-of-sync mirror, or a partner that looks alive).
-    fn takeover(&self, force: bool) -> Result<String, AdminRefusal>;
-    /// Hand the partner's volumes back.
-    fn giveback(&self) -> Result<String, AdminRefusal>;
-    /// Fault injection for drills: e.g. name "cut-interconnect", for
-    /// `duration_ms`.
-    fn fault(&self, name: &str, duration_ms: u64) -> Result<String, AdminRefusal>;
-}
-
-/// A handler's "no": the HTTP status (409 when the state forbids it, 500
-/// when it failed; anything outside 400..=599 is sent as 500) and a message
-/// for the operator.
-#[derive(Debug, Clone)]
-pub struct AdminRefusal {
-    pub status: u16,
-    pub message: String,
-}
 
 // ---------------------------------------------------------------------------
 // Server
@@ -375,18 +298,6 @@ fn read_head(stream: &mut TcpStream, deadline: Instant) -> Result<Vec<u8>, HeadE
             Err(err) => return Err(HeadError::Io(err)),
         }
     }
-}
-
-pub(crate) fn request_line_too_long() -> Response {
-    Response::bad_request(format!(
-        "request line longer than {REQUEST_LINE_BYTES_MAX} bytes"
-    ))
-}
-
-pub(crate) fn header_section_too_long() -> Response {
-    Response::bad_request(format!(
-        "header section longer than {HEADER_SECTION_BYTES_MAX} bytes"
-    ))
 }
 
 fn timed_out(head: &[u8]) -> HeadError {

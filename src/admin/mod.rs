@@ -11,10 +11,13 @@
 //! The routes, the HTTP subset and the bounds are in [`http`].
 
 pub mod client;
+pub mod handler;
 pub mod http;
+pub mod limits;
 pub mod metrics;
 pub mod render;
 mod request;
+mod response;
 mod routes;
 
 pub use client::{request, AdminClientError};

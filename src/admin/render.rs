@@ -3,7 +3,7 @@
 use std::fmt::Write as _;
 use std::time::{Duration, SystemTime};
 
-use crate::admin::routes::reason_phrase;
+use crate::admin::response::reason_phrase;
 use crate::ha::status::Status;
 
 /// The status document as a compact block a person reads at a glance, for

@@ -1,10 +1,8 @@
 //! The admin endpoint's request heads: parsed strictly, each refusal one
 //! line that says what was wrong.
 
-use crate::admin::http::{
-    request_line_too_long, HEADERS_MAX, QUOTE_CHARS_MAX, REQUEST_LINE_BYTES_MAX,
-};
-use crate::admin::routes::Response;
+use crate::admin::limits::{HEADERS_MAX, QUOTE_CHARS_MAX, REQUEST_LINE_BYTES_MAX};
+use crate::admin::response::{request_line_too_long, Response};
 
 // ---------------------------------------------------------------------------
 // Request parsing
@@ -250,6 +248,14 @@ pub(crate) fn quote(bytes: &[u8]) -> String {
 pub(crate) fn quote_raw(bytes: &[u8]) -> String {
     let quoted = quote(bytes);
     quoted[1..quoted.len() - 1].to_owned()
+}
+
+/// Unsigned decimal digits only (no sign, no spaces), within u64.
+pub(crate) fn parse_decimal(text: &str) -> Option<u64> {
+    if text.is_empty() || !text.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    text.parse().ok()
 }
 
 #[cfg(test)]
