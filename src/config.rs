@@ -26,7 +26,7 @@
 //! heartbeat_interval_ms = 100
 //! heartbeat_timeout_ms = 2000
 //!
-//! [checkpoint]
+//! [consistency_point]
 //! interval_ms = 5000
 //! threshold_percent = 50
 //!
@@ -150,8 +150,10 @@ pub struct Config {
     #[serde(rename = "volume", default)]
     pub volumes: Vec<VolumeConfig>,
     pub interconnect: InterconnectConfig,
-    #[serde(default)]
-    pub checkpoint: CheckpointConfig,
+    /// `[consistency_point]`; `[checkpoint]`, its name before 0.2, is read
+    /// too.
+    #[serde(default, alias = "checkpoint")]
+    pub consistency_point: ConsistencyPointConfig,
     #[serde(default)]
     pub ha: HaConfig,
 }
@@ -250,16 +252,16 @@ pub struct InterconnectConfig {
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct CheckpointConfig {
+pub struct ConsistencyPointConfig {
     #[serde(default = "default_cp_interval_ms")]
     pub interval_ms: u64,
     #[serde(default = "default_cp_threshold_percent")]
     pub threshold_percent: u8,
 }
 
-impl Default for CheckpointConfig {
+impl Default for ConsistencyPointConfig {
     fn default() -> Self {
-        CheckpointConfig {
+        ConsistencyPointConfig {
             interval_ms: default_cp_interval_ms(),
             threshold_percent: default_cp_threshold_percent(),
         }
@@ -428,12 +430,12 @@ impl Config {
         };
         interconnect::PresharedKey::new(key)
             .map_err(|error| invalid(key_field, error.to_string()))?;
-        if self.checkpoint.interval_ms == 0 {
-            return Err(invalid("checkpoint.interval_ms", "must be positive"));
+        if self.consistency_point.interval_ms == 0 {
+            return Err(invalid("consistency_point.interval_ms", "must be positive"));
         }
-        if !(1..=100).contains(&self.checkpoint.threshold_percent) {
+        if !(1..=100).contains(&self.consistency_point.threshold_percent) {
             return Err(invalid(
-                "checkpoint.threshold_percent",
+                "consistency_point.threshold_percent",
                 "must be between 1 and 100",
             ));
         }
@@ -583,8 +585,13 @@ key = "a secret of sixteen bytes or more"
                 "node_idd",
             ),
             (
+                format!("{GOOD}\n[consistency_point]\nthreshold_percent = 0\n"),
+                "consistency_point.threshold_percent",
+            ),
+            (
+                // The section's old name is read too.
                 format!("{GOOD}\n[checkpoint]\nthreshold_percent = 0\n"),
-                "checkpoint.threshold_percent",
+                "consistency_point.threshold_percent",
             ),
             (
                 format!("{GOOD}\n[nvram]\nhalf_size = \"1000\"\n"),

@@ -72,7 +72,7 @@ impl RunningNode {
         let threads = vec![
             spawn("cp", {
                 let node = node.clone();
-                move || node.run_checkpoints()
+                move || node.run_consistency_points()
             }),
             spawn("mirror-connect", {
                 let node = node.clone();
@@ -257,7 +257,7 @@ pub struct NodeAdmin {
 
 fn refusal(error: Error) -> AdminRefusal {
     let status = match error {
-        Error::Refused { .. } => 409,
+        Error::Refused(_) => 409,
         _ => 500,
     };
     AdminRefusal {
@@ -310,8 +310,9 @@ pub fn run_node(config: Config) -> Result<()> {
     let mut signals = SigSet::empty();
     signals.add(Signal::SIGTERM);
     signals.add(Signal::SIGINT);
-    signals.thread_block().map_err(|errno| Error::Failed {
-        reason: format!("cannot block SIGTERM/SIGINT: {errno}"),
+    signals.thread_block().map_err(|errno| Error::Signals {
+        during: "blocking SIGTERM and SIGINT",
+        errno,
     })?;
     let listen = config.nbd.listen;
     let admin_listen = config.ha.admin_listen;
@@ -374,8 +375,9 @@ pub fn run_node(config: Config) -> Result<()> {
         volumes = ?names,
         "serving"
     );
-    let signal = signals.wait().map_err(|errno| Error::Failed {
-        reason: format!("waiting for a signal failed: {errno}"),
+    let signal = signals.wait().map_err(|errno| Error::Signals {
+        during: "waiting for SIGTERM or SIGINT",
+        errno,
     })?;
     tracing::info!(?signal, "shutting down");
     if let Some(admin) = &admin {

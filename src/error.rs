@@ -1,4 +1,6 @@
-//! The storage node's error type.
+//! The storage node's error type, and why HA refuses a takeover or a
+//! giveback ([`Refusal`], an answer the operator acts on rather than a
+//! failure).
 
 use std::path::PathBuf;
 
@@ -40,8 +42,38 @@ pub enum Error {
     )]
     Fenced { volumes_of: u32, epoch: u64 },
 
-    #[error("refused: {reason}")]
-    Refused { reason: String },
+    #[error("refused: {0}")]
+    Refused(#[from] Refusal),
+
+    #[error(
+        "the owner files say node {partner} serves this node's volumes and this node serves node \
+         {partner}'s; resolve {} and {} by hand",
+        own_file.display(),
+        their_file.display()
+    )]
+    OwnershipConflict {
+        partner: u32,
+        own_file: PathBuf,
+        their_file: PathBuf,
+    },
+
+    #[error(
+        "node {volumes_of}'s volumes changed hands meanwhile (now node {owner} at epoch {epoch})"
+    )]
+    ChangedHands {
+        volumes_of: u32,
+        owner: u32,
+        epoch: u64,
+    },
+
+    #[error("node {partner} never wrote its mailbox: its volumes are unknown")]
+    PartnerUnknown { partner: u32 },
+
+    #[error("the mirror holds node {found}'s log, not node {expected}'s")]
+    WrongMirror { found: u32, expected: u32 },
+
+    #[error("the link to the partner went down during the resync")]
+    ResyncInterrupted,
 
     #[error("no volume `{name}` is served here")]
     NoSuchVolume { name: String },
@@ -54,8 +86,21 @@ pub enum Error {
         size_bytes: u64,
     },
 
+    /// Durability can no longer be promised (a failed fsync or msync):
+    /// every later write fails until the node restarts.
     #[error("the node has stopped accepting writes: {reason}")]
-    Failed { reason: String },
+    NodeFailed { reason: String },
+
+    #[error("{during}: {errno}")]
+    Signals {
+        during: &'static str,
+        errno: nix::errno::Errno,
+    },
+
+    /// A drill or the pair harness found the pair misbehaving (never
+    /// returned by the node itself).
+    #[error("{reason}")]
+    Harness { reason: String },
 
     #[error("cannot listen on {addr}")]
     Listen {
@@ -66,3 +111,43 @@ pub enum Error {
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Why a takeover or a giveback is refused.
+#[derive(Debug, thiserror::Error)]
+pub enum Refusal {
+    #[error("this node already serves the partner's volumes")]
+    AlreadyHolding,
+
+    #[error("this node is {role}, it cannot take over")]
+    NotServing { role: &'static str },
+
+    #[error("this node's own volumes were taken over: it waits for giveback and cannot take over")]
+    OwnVolumesTakenOver,
+
+    #[error("node {partner} never wrote its mailbox: its volumes are unknown")]
+    PartnerUnknown { partner: u32 },
+
+    #[error(
+        "node {partner}'s log halves are {theirs} bytes, ours {ours}: the mirror cannot be read"
+    )]
+    HalfSizeMismatch {
+        partner: u32,
+        theirs: u64,
+        ours: u64,
+    },
+
+    #[error("node {partner}'s volumes belong to node {owner}")]
+    OwnedByOther { partner: u32, owner: u32 },
+
+    /// The mailbox says the mirror may lack acknowledged writes.
+    #[error("{why}")]
+    MirrorNotTrusted { why: String },
+
+    /// The partner is fenced, its volumes are not served: a giveback
+    /// returns them with their log.
+    #[error("takeover stopped after fencing: {why}; `nvmirror giveback` hands the volumes back")]
+    StoppedAfterFence { why: String },
+
+    #[error("node {partner}'s volumes are not held here (owner: node {owner})")]
+    NotHeld { partner: u32, owner: u32 },
+}

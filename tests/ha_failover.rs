@@ -119,7 +119,7 @@ fn kill9_takeover_serves_during_replay_then_giveback() {
     // A slow replay, so reads are served while it runs.
     let mut pair = pair(
         dir.path(),
-        "[checkpoint]\ninterval_ms = 60000\nthreshold_percent = 95\n",
+        "[consistency_point]\ninterval_ms = 60000\nthreshold_percent = 95\n",
         "replay_max_bytes_per_s = \"1MiB\"\n",
     );
     let nbd1 = pair.node(1).nbd;
@@ -196,7 +196,7 @@ fn kill9_takeover_serves_during_replay_then_giveback() {
 #[test]
 fn a_stopped_owner_is_fenced_and_neither_writes_nor_acknowledges() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let mut pair = pair(dir.path(), "[checkpoint]\ninterval_ms = 1500\n", "");
+    let mut pair = pair(dir.path(), "[consistency_point]\ninterval_ms = 1500\n", "");
     let nbd1 = pair.node(1).nbd;
     // Pattern A on blocks 0..256, kept dirty in node 1's log.
     let mut old = ledger("vol0", 0, 256);
@@ -281,7 +281,7 @@ fn a_survivor_crash_during_replay_resumes_from_the_persisted_index() {
     let dir = tempfile::tempdir().expect("tempdir");
     let mut pair = pair(
         dir.path(),
-        "[checkpoint]\ninterval_ms = 60000\nthreshold_percent = 95\n",
+        "[consistency_point]\ninterval_ms = 60000\nthreshold_percent = 95\n",
         "replay_max_bytes_per_s = \"512KiB\"\n",
     );
     let nbd1 = pair.node(1).nbd;
@@ -397,7 +397,7 @@ fn takeover_with_the_log_nearly_full() {
     // No consistency point: the log keeps everything until the kill.
     let mut pair = pair(
         dir.path(),
-        "[checkpoint]\ninterval_ms = 3600000\nthreshold_percent = 100\n",
+        "[consistency_point]\ninterval_ms = 3600000\nthreshold_percent = 100\n",
         "",
     );
     let nbd1 = pair.node(1).nbd;

@@ -55,7 +55,7 @@ partner = "127.0.0.1:{partner}"
 key = "an inprocess test key of some length"
 heartbeat_interval_ms = 50
 heartbeat_timeout_ms = 1000
-[checkpoint]
+[consistency_point]
 interval_ms = 200
 "#,
         root = root.display(),

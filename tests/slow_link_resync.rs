@@ -128,7 +128,7 @@ fn a_resync_longer_than_the_heartbeat_timeout_completes() {
         volumes: vec![("vol".into(), 64 << 20)],
         half_bytes: HALF_BYTES,
         // No consistency point empties the log before the resync.
-        extra_config: "[checkpoint]\ninterval_ms = 3600000\nthreshold_percent = 95\n".into(),
+        extra_config: "[consistency_point]\ninterval_ms = 3600000\nthreshold_percent = 95\n".into(),
         ha_config: "auto_takeover = false\n".into(),
         binary: Some(binary.into()),
         transport: link.transport.into(),

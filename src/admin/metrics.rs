@@ -54,14 +54,14 @@ pub fn node_metrics(ha: &HaNode) -> String {
         SharedHistogram(node.write_latency_us.clone()),
     );
     registry.register(
-        "checkpoints",
+        "consistency_points",
         "Consistency points done",
-        counter(&stats.checkpoints),
+        counter(&stats.consistency_points),
     );
     registry.register(
-        "checkpoint_us",
+        "consistency_point_us",
         "Time spent in consistency points, in microseconds",
-        counter(&stats.checkpoint_us_total),
+        counter(&stats.consistency_point_us_total),
     );
     registry.register(
         "send_slots_in_use",

@@ -23,13 +23,10 @@ impl HaNode {
         let own = ownership::read(aggregate, me)?;
         let theirs = ownership::read(aggregate, partner)?;
         if own.owner != me && theirs.owner == me {
-            return Err(Error::Failed {
-                reason: format!(
-                    "the owner files say node {partner} serves this node's volumes and this node serves node \
-                     {partner}'s; resolve {} and {} by hand",
-                    ownership::owner_path(aggregate, me).display(),
-                    ownership::owner_path(aggregate, partner).display()
-                ),
+            return Err(Error::OwnershipConflict {
+                partner,
+                own_file: ownership::owner_path(aggregate, me),
+                their_file: ownership::owner_path(aggregate, partner),
             });
         }
         if theirs.owner == me {
@@ -97,14 +94,8 @@ impl HaNode {
         ownership: &Ownership,
     ) -> Result<(Vec<Arc<Volume>>, MailboxState)> {
         let (_, partner) = self.me_and_partner();
-        let mailbox =
-            mailbox::read(&self.node.config.aggregate_dir, partner)?.ok_or_else(|| {
-                Error::Failed {
-                    reason: format!(
-                        "node {partner} never wrote its mailbox: its volumes are unknown"
-                    ),
-                }
-            })?;
+        let mailbox = mailbox::read(&self.node.config.aggregate_dir, partner)?
+            .ok_or(Error::PartnerUnknown { partner })?;
         let specs = mailbox
             .volumes
             .iter()

@@ -6,9 +6,10 @@
 
 use std::sync::Arc;
 
+use crate::error::Refusal;
 use crate::error::Result;
 use crate::ha::index::TakeoverIndex;
-use crate::ha::{refused, HaNode};
+use crate::ha::HaNode;
 use crate::storage::mailbox;
 use crate::storage::ownership;
 
@@ -25,10 +26,11 @@ impl HaNode {
         let aggregate = &self.node.config.aggregate_dir;
         let theirs = ownership::read(aggregate, partner)?;
         if theirs.owner != me {
-            return Err(refused(format!(
-                "node {partner}'s volumes are not held here (owner: node {})",
-                theirs.owner
-            )));
+            return Err(Refusal::NotHeld {
+                partner,
+                owner: theirs.owner,
+            }
+            .into());
         }
         let holding = self.state.lock().holding.clone();
         let Some(holding) = holding else {
@@ -59,7 +61,7 @@ impl HaNode {
         for volume in &holding.volumes {
             *volume.write_gate.write() = false;
         }
-        self.node.checkpoint_everything()?;
+        self.node.consistency_point_all()?;
         for volume in &holding.volumes {
             volume.sync()?;
         }

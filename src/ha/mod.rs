@@ -62,7 +62,7 @@ use std::time::{Duration, Instant};
 
 use parking_lot::{Condvar, Mutex};
 
-use crate::error::{Error, Result};
+use crate::error::Result;
 use crate::node::{Node, NodeHooks};
 use crate::storage::mailbox::MailboxState;
 use crate::storage::ownership::{Fence, Ownership};
@@ -237,7 +237,7 @@ impl HaNode {
         let span = tracing::info_span!("node_shutdown", node_id = self.node.config.node_id);
         let _entered = span.enter();
         let result = if self.role() == Role::Serving || self.holding_partner() {
-            self.node.checkpoint_everything()
+            self.node.consistency_point_all()
         } else {
             Ok(())
         };
@@ -379,11 +379,5 @@ impl NodeHooks for HaNode {
                 times.first_read_ms = Some(times.started.elapsed().as_millis() as u64);
             }
         }
-    }
-}
-
-fn refused(reason: impl Into<String>) -> Error {
-    Error::Refused {
-        reason: reason.into(),
     }
 }

@@ -8,9 +8,10 @@ use std::time::Instant;
 
 use nvlog::Scanner;
 
+use crate::error::Refusal;
 use crate::error::{Error, Result};
 use crate::ha::index::{IndexEntry, TakeoverIndex};
-use crate::ha::{refused, HaNode, Holding, ReplayDriver, Role, TakeoverTimes};
+use crate::ha::{HaNode, Holding, ReplayDriver, Role, TakeoverTimes};
 use crate::node::recovery::index_records;
 use crate::storage::extents::Origin;
 use crate::storage::mailbox::{self, MailboxState};
@@ -29,13 +30,13 @@ impl HaNode {
         {
             let state = self.state.lock();
             if state.holding.is_some() {
-                return Err(refused("this node already serves the partner's volumes"));
+                return Err(Refusal::AlreadyHolding.into());
             }
             if state.role != Role::Serving {
-                return Err(refused(format!(
-                    "this node is {}, it cannot take over",
-                    state.role.as_str()
-                )));
+                return Err(Refusal::NotServing {
+                    role: state.role.as_str(),
+                }
+                .into());
             }
         }
         // A node that was stopped while its partner took its volumes over must
@@ -44,23 +45,20 @@ impl HaNode {
         if let Some(fence) = own_fence {
             if fence.check().is_err() {
                 self.on_fenced();
-                return Err(refused(
-                    "this node's own volumes were taken over: it waits for giveback and cannot take over",
-                ));
+                return Err(Refusal::OwnVolumesTakenOver.into());
             }
         }
         let aggregate = &self.node.config.aggregate_dir;
         let theirs = ownership::read(aggregate, partner)?;
-        let partner_mailbox = mailbox::read(aggregate, partner)?.ok_or_else(|| {
-            refused(format!(
-                "node {partner} never wrote its mailbox: its volumes are unknown"
-            ))
-        })?;
+        let partner_mailbox =
+            mailbox::read(aggregate, partner)?.ok_or(Refusal::PartnerUnknown { partner })?;
         if partner_mailbox.half_bytes != self.node.config.nvram.half_size.0 {
-            return Err(refused(format!(
-                "node {partner}'s log halves are {} bytes, ours {}: the mirror cannot be read",
-                partner_mailbox.half_bytes, self.node.config.nvram.half_size.0
-            )));
+            return Err(Refusal::HalfSizeMismatch {
+                partner,
+                theirs: partner_mailbox.half_bytes,
+                ours: self.node.config.nvram.half_size.0,
+            }
+            .into());
         }
         let my_boot = self.node.mailbox.current().boot;
         let out_of_sync = |mailbox: &MailboxState| {
@@ -84,7 +82,7 @@ impl HaNode {
         };
         if !force {
             if let Some(why) = out_of_sync(&partner_mailbox) {
-                return Err(refused(why));
+                return Err(Refusal::MirrorNotTrusted { why }.into());
             }
         }
         // 1. Fence.
@@ -100,19 +98,18 @@ impl HaNode {
                 reason,
             )?
         } else {
-            return Err(refused(format!(
-                "node {partner}'s volumes belong to node {}",
-                theirs.owner
-            )));
+            return Err(Refusal::OwnedByOther {
+                partner,
+                owner: theirs.owner,
+            }
+            .into());
         };
         // 2. The mirror state after the fence is what counts.
         let after = mailbox::read(aggregate, partner)?.unwrap_or(partner_mailbox);
         if let Some(why) = out_of_sync(&after) {
             if !force {
                 self.state.lock().aborted_takeover = Some(ours);
-                return Err(refused(format!(
-                    "takeover stopped after fencing: {why}; or `nvmirror giveback`"
-                )));
+                return Err(Refusal::StoppedAfterFence { why }.into());
             }
             tracing::warn!(%why, "forced takeover of an out-of-sync mirror: writes the mirror lacks are lost");
         }
@@ -130,11 +127,9 @@ impl HaNode {
             let scanner = Scanner::new(&image)?;
             if let Some(header) = scanner.header() {
                 if header.node_id != partner {
-                    return Err(Error::Failed {
-                        reason: format!(
-                            "the mirror holds node {}'s log, not node {partner}'s",
-                            header.node_id
-                        ),
+                    return Err(Error::WrongMirror {
+                        found: header.node_id,
+                        expected: partner,
                     });
                 }
             }
@@ -155,9 +150,10 @@ impl HaNode {
                 tracing::error!(%error, "takeover stopped after fencing");
                 self.state.lock().aborted_takeover = Some(ours);
                 self.node.bind_receiver()?;
-                return Err(refused(format!(
-                    "takeover stopped after fencing: {error}; `nvmirror giveback` hands the volumes back"
-                )));
+                return Err(Refusal::StoppedAfterFence {
+                    why: error.to_string(),
+                }
+                .into());
             }
         };
         // 5. Serve.

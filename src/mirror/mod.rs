@@ -106,10 +106,10 @@ pub struct Mirror {
     /// A `Link`, changed to InSync or Resyncing only under the log's order lock.
     link: AtomicU8,
     /// Resyncs started: bumped when the link enters Resyncing, under the
-    /// log's order lock. A write stamps it at its append (its generation).
+    /// log's order lock. A write notes it at its append (`resyncs_at_append`).
     resync_starts: AtomicU64,
-    /// The start stamp of the resync last declared in sync. A record whose
-    /// generation is below it was in the log before that resync began, so
+    /// The start count of the resync last declared in sync. A record whose
+    /// `resyncs_at_append` is below it was in the log before that resync began, so
     /// the resync's copy (all placed before the declaration) carried it,
     /// even if its own post was lost with an earlier session. A record
     /// appended during the resync is in the mirror only if its own post is.
@@ -303,16 +303,17 @@ impl Mirror {
         }
     }
 
-    /// The resync generation; read in the modify phase (under the log's
-    /// order lock) and kept with the write.
-    pub fn generation(&self) -> u64 {
+    /// Resyncs started so far; read in the modify phase (under the log's
+    /// order lock) and kept with the write as its `resyncs_at_append`.
+    pub fn resyncs_started(&self) -> u64 {
         self.resync_starts.load(Ordering::Acquire)
     }
 
-    /// Whether a record appended at `generation` is in the partner's mirror
-    /// by way of a resync that began after it, declared in sync.
-    pub fn covers(&self, generation: u64) -> bool {
-        self.in_sync() && generation < self.covered_below.load(Ordering::Acquire)
+    /// Whether a record appended when `resyncs_at_append` resyncs had
+    /// started is in the partner's mirror by way of a resync that began
+    /// after it, declared in sync.
+    pub fn covers(&self, resyncs_at_append: u64) -> bool {
+        self.in_sync() && resyncs_at_append < self.covered_below.load(Ordering::Acquire)
     }
 
     /// Whether a placed write may be acknowledged on the strength of the
@@ -322,20 +323,25 @@ impl Mirror {
     }
 
     /// Before a write the mirror may lack is acknowledged: make sure the
-    /// mailbox durably says "out of sync". `placed` and `generation` (the
-    /// write's post was placed; the resync generation at its append) say
+    /// mailbox durably says "out of sync". `placed` and `resyncs_at_append` (the
+    /// write's post was placed; the resyncs started at its append) say
     /// whether the write is in the mirror after all: if, under the lock that
     /// orders marking against the resync's declaration, it turns out to be,
     /// nothing is marked (else a write that raced a resync would leave the
     /// mailbox out of sync, and automatic takeover refused, for good).
-    pub fn mark_out_of_sync(&self, reason: &str, placed: bool, generation: u64) -> Result<()> {
+    pub fn mark_out_of_sync(
+        &self,
+        reason: &str,
+        placed: bool,
+        resyncs_at_append: u64,
+    ) -> Result<()> {
         if self.marked_out_of_sync.load(Ordering::Acquire) {
             return Ok(());
         }
         let _mark = self.mark_lock.lock();
         if self.marked_out_of_sync.load(Ordering::Acquire)
             || (placed && self.in_sync())
-            || self.covers(generation)
+            || self.covers(resyncs_at_append)
         {
             return Ok(());
         }
@@ -534,9 +540,7 @@ impl Mirror {
             copy.finished = Some(self.clock.now());
         }
         if !declared? {
-            return Err(crate::error::Error::Failed {
-                reason: "the link went down during the resync".into(),
-            });
+            return Err(crate::error::Error::ResyncInterrupted);
         }
         tracing::info!(
             copied_bytes = total_bytes,

@@ -3,7 +3,7 @@
 //! - [`write`]: the write path, in its three phases (suspendable, modify,
 //!   wait);
 //! - [`read`]: the read path;
-//! - [`checkpoint`]: consistency points, which move a log half's data to
+//! - [`consistency_point`]: consistency points, which move a log half's data to
 //!   the volume files and free the half;
 //! - [`recovery`]: putting the log's records back after a restart.
 //!
@@ -11,7 +11,7 @@
 //! in [`crate::ha`]; the node tells it what it needs through [`NodeHooks`]
 //! and never calls into it.
 
-pub mod checkpoint;
+pub mod consistency_point;
 pub mod read;
 pub mod recovery;
 pub mod write;
@@ -75,8 +75,8 @@ pub struct Stats {
     pub reads: AtomicU64,
     pub read_bytes: AtomicU64,
     pub flushes: AtomicU64,
-    pub checkpoints: AtomicU64,
-    pub checkpoint_us_total: AtomicU64,
+    pub consistency_points: AtomicU64,
+    pub consistency_point_us_total: AtomicU64,
     pub acks_mirrored: AtomicU64,
     pub acks_persisted: AtomicU64,
     pub write_errors: AtomicU64,
@@ -137,8 +137,9 @@ pub struct PendingWrite {
     pub lsn: u64,
     /// The mirror post of its last record, if it was mirrored.
     pub posted: Option<interconnect::WriteId>,
-    /// The mirror's resync generation when it was appended.
-    pub mirror_generation: u64,
+    /// The mirror's resyncs started when it was appended (see
+    /// `Mirror::covers`).
+    pub resyncs_at_append: u64,
 }
 
 /// Start a named thread of the node.
@@ -322,7 +323,7 @@ impl Node {
 
     pub fn check_not_failed(&self) -> Result<()> {
         match &*self.failed.lock() {
-            Some(reason) => Err(Error::Failed {
+            Some(reason) => Err(Error::NodeFailed {
                 reason: reason.clone(),
             }),
             None => Ok(()),

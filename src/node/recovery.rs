@@ -82,7 +82,7 @@ impl Node {
             self.region.local_log().offset,
             Origin::Local,
         );
-        self.checkpoint_everything()?;
+        self.consistency_point_all()?;
         tracing::info!(records, "log replayed onto the volumes");
         Ok(())
     }

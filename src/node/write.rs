@@ -141,7 +141,7 @@ impl Node {
         let (pending, closed_half) = self.modify_phase(volume, &data, reserved)?;
         drop(gate);
         if closed_half || self.over_threshold() {
-            self.kick_checkpoint();
+            self.kick_consistency_point();
         }
         Ok(pending)
     }
@@ -190,7 +190,7 @@ impl Node {
             let pending = PendingWrite {
                 lsn: appended.lsn,
                 posted,
-                mirror_generation: self.mirror.generation(),
+                resyncs_at_append: self.mirror.resyncs_started(),
             };
             (pending, appended.closed_half.is_some())
         })?;
@@ -203,10 +203,10 @@ impl Node {
         let PendingWrite {
             lsn,
             posted,
-            mirror_generation,
+            resyncs_at_append,
         } = pending;
         let placed = self.mirror.placed(posted);
-        if (placed && self.mirror.in_sync()) || self.mirror.covers(mirror_generation) {
+        if (placed && self.mirror.in_sync()) || self.mirror.covers(resyncs_at_append) {
             if fua || self.config.durability == Durability::Persist {
                 self.log.persist(lsn)?;
             }
@@ -220,7 +220,7 @@ impl Node {
                 self.config.interconnect.partner
             ),
             placed,
-            mirror_generation,
+            resyncs_at_append,
         )?;
         self.log
             .persist(lsn)

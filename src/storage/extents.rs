@@ -382,7 +382,7 @@ mod tests {
         assert_eq!(
             map.written_by(0..10).len(),
             1,
-            "only local extents are checkpointed"
+            "only local extents are written by a consistency point"
         );
         let pieces = map.mirror_pieces(u64::MAX);
         assert_eq!(pieces.len(), 3);

@@ -138,11 +138,10 @@ pub fn log_discarded(aggregate_dir: &Path, seen: &Ownership) -> Result<Ownership
 fn read_unchanged(aggregate_dir: &Path, seen: &Ownership) -> Result<Ownership> {
     let current = read(aggregate_dir, seen.volumes_of)?;
     if current.epoch != seen.epoch || current.owner != seen.owner {
-        return Err(Error::Failed {
-            reason: format!(
-                "node {}'s volumes changed hands meanwhile (now node {} at epoch {})",
-                seen.volumes_of, current.owner, current.epoch
-            ),
+        return Err(Error::ChangedHands {
+            volumes_of: seen.volumes_of,
+            owner: current.owner,
+            epoch: current.epoch,
         });
     }
     Ok(current)

@@ -102,7 +102,7 @@ fn volume_of(node: u32) -> &'static str {
 }
 
 fn failed(reason: impl Into<String>) -> Error {
-    Error::Failed {
+    Error::Harness {
         reason: reason.into(),
     }
 }
@@ -133,7 +133,7 @@ pub fn run(options: &DrillOptions) -> Result<(bool, String)> {
     let mut pair = start_pair(
         options,
         &options.dir.join("pair"),
-        "[checkpoint]\ninterval_ms = 1000\n",
+        "[consistency_point]\ninterval_ms = 1000\n",
         "",
     )?;
     let mut rng = SmallRng::seed_from_u64(options.seed);
@@ -591,7 +591,7 @@ fn profile_takeover(options: &DrillOptions) -> Result<(bool, String)> {
         let mut pair = start_pair(
             options,
             &dir,
-            "[checkpoint]\ninterval_ms = 3600000\nthreshold_percent = 100\n",
+            "[consistency_point]\ninterval_ms = 3600000\nthreshold_percent = 100\n",
             &format!("replay_max_bytes_per_s = {PROFILE_REPLAY_BYTES_PER_S}\n"),
         )?;
         // Fill the log: distinct blocks, so every byte is replayed. Stay a

@@ -181,7 +181,7 @@ impl PairHarness {
                 )
             };
             if now.duration_since(progress_at) > timeout {
-                return Err(Error::Failed {
+                return Err(Error::Harness {
                     reason: format!(
                         "node {node_id} did not mirror in sync: no resync got further for {timeout:?} \
                          (waited {:?}; resync: {})",
@@ -262,22 +262,22 @@ impl NodeProcess {
     pub fn status(&self) -> Result<Status> {
         let (code, body) =
             crate::admin::request(self.admin, "GET", "/status", Duration::from_secs(10)).map_err(
-                |error| Error::Failed {
+                |error| Error::Harness {
                     reason: error.to_string(),
                 },
             )?;
         if code != 200 {
-            return Err(Error::Failed {
+            return Err(Error::Harness {
                 reason: format!("node {} status: HTTP {code}: {body}", self.node_id),
             });
         }
-        parse_status(&body).map_err(|reason| Error::Failed { reason })
+        parse_status(&body).map_err(|reason| Error::Harness { reason })
     }
 
     /// POST an admin action; returns (HTTP status, body).
     pub fn admin_post(&self, path: &str) -> Result<(u16, String)> {
         crate::admin::request(self.admin, "POST", path, Duration::from_secs(120)).map_err(|error| {
-            Error::Failed {
+            Error::Harness {
                 reason: error.to_string(),
             }
         })
@@ -285,11 +285,11 @@ impl NodeProcess {
 
     /// Send a signal (SIGSTOP, SIGCONT) to the running node.
     pub fn signal(&self, signal: nix::sys::signal::Signal) -> Result<()> {
-        let pid = self.pid().ok_or_else(|| Error::Failed {
+        let pid = self.pid().ok_or_else(|| Error::Harness {
             reason: format!("node {} is not running", self.node_id),
         })?;
         nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), signal).map_err(|errno| {
-            Error::Failed {
+            Error::Harness {
                 reason: format!("signalling node {}: {errno}", self.node_id),
             }
         })
@@ -340,7 +340,7 @@ impl NodeProcess {
                 .and_then(|c| c.try_wait().ok().flatten())
             {
                 self.child = None;
-                return Err(Error::Failed {
+                return Err(Error::Harness {
                     reason: format!(
                         "node {} exited with {status}; see {}",
                         self.node_id,
@@ -354,7 +354,7 @@ impl NodeProcess {
                 return Ok(());
             }
             if Instant::now() > deadline {
-                return Err(Error::Failed {
+                return Err(Error::Harness {
                     reason: format!(
                         "node {} did not open its admin endpoint within {timeout:?}",
                         self.node_id
@@ -384,7 +384,7 @@ impl NodeProcess {
     /// SIGTERM, and wait for the clean shutdown.
     pub fn stop(&mut self, timeout: Duration) -> Result<std::process::ExitStatus> {
         let Some(mut child) = self.child.take() else {
-            return Err(Error::Failed {
+            return Err(Error::Harness {
                 reason: format!("node {} is not running", self.node_id),
             });
         };
@@ -398,7 +398,7 @@ impl NodeProcess {
             if Instant::now() > deadline {
                 let _ = child.kill();
                 let _ = child.wait();
-                return Err(Error::Failed {
+                return Err(Error::Harness {
                     reason: format!(
                         "node {} did not stop within {timeout:?} of SIGTERM",
                         self.node_id

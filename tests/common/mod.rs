@@ -125,7 +125,7 @@ impl Pair {
             dir: dir.path().to_owned(),
             volumes: vec![("vol0".into(), VOLUME_BYTES), ("vol1".into(), VOLUME_BYTES)],
             half_bytes: HALF_BYTES,
-            extra_config: "[checkpoint]\ninterval_ms = 1000\n".into(),
+            extra_config: "[consistency_point]\ninterval_ms = 1000\n".into(),
             ha_config: "auto_takeover = false\n".into(),
             binary: Some(nvmirror_bin().into()),
             transport: "tcp".into(),

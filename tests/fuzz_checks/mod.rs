@@ -348,6 +348,6 @@ fn check_valid_config(config: &Config) {
     assert!(ic.key.is_some() != ic.key_file.is_some());
     let key = config.key_bytes().expect("a valid config has a key");
     assert!(key.len() >= interconnect::PresharedKey::MIN_LEN_BYTES);
-    assert!(config.checkpoint.interval_ms > 0);
-    assert!((1..=100).contains(&config.checkpoint.threshold_percent));
+    assert!(config.consistency_point.interval_ms > 0);
+    assert!((1..=100).contains(&config.consistency_point.threshold_percent));
 }

@@ -126,7 +126,7 @@ pub struct SimReport {
     pub writes_acked: u64,
     pub writes_busy: u64,
     pub reads_checked: u64,
-    pub checkpoints: u64,
+    pub consistency_points: u64,
     pub crashes: u64,
     pub power_losses: u64,
     pub stalls: u64,
@@ -161,7 +161,7 @@ impl fmt::Display for SimReport {
             self.writes_busy,
             self.reads_checked,
             self.full_checks,
-            self.checkpoints,
+            self.consistency_points,
             self.crashes,
             self.power_losses,
             self.stalls,
@@ -351,7 +351,7 @@ impl World {
         for index in 0..2 {
             world
                 .start_node(index)
-                .map_err(|violation| Error::Failed { reason: violation })?;
+                .map_err(|violation| Error::Harness { reason: violation })?;
         }
         Ok(world)
     }
@@ -550,7 +550,7 @@ impl World {
             300..=499 => self.finish(),
             500..=669 => self.deliver(),
             670..=739 => self.read(),
-            740..=789 => self.checkpoint(),
+            740..=789 => self.consistency_point(),
             790..=849 => self.connect(),
             850..=909 => self.monitor(),
             910..=959 => {
@@ -766,7 +766,7 @@ impl World {
         Ok(())
     }
 
-    fn checkpoint(&mut self) -> Result<(), String> {
+    fn consistency_point(&mut self) -> Result<(), String> {
         let index = self.pick_node();
         let Some(inner) = self.live(index) else {
             return Ok(());
@@ -775,8 +775,8 @@ impl World {
         let timer_due = self.rng.chance(50);
         let healthy = self
             .net
-            .placing_during(|| inner.node.checkpoint_tick(timer_due));
-        self.report.checkpoints += 1;
+            .placing_during(|| inner.node.consistency_point_tick(timer_due));
+        self.report.consistency_points += 1;
         self.note(format_args!(
             "node {} consistency point (timer {timer_due}){}",
             index + 1,
@@ -1062,7 +1062,7 @@ impl World {
                     inner.node.mirror.connect_once(&inner.node.log);
                     let _ = inner.replay_step(64 * BLOCK_BYTES as u64);
                     let _ = inner.monitor_tick();
-                    inner.node.checkpoint_tick(true);
+                    inner.node.consistency_point_tick(true);
                 });
             }
             self.finish_all();
@@ -1120,7 +1120,7 @@ fn sim_config(root: &std::path::Path, id: u32, durability: &str) -> crate::Resul
          [interconnect]\ntransport = \"tcp\"\nlisten = \"10.99.0.{id}:7000\"\npartner = \"10.99.0.{partner}:7000\"\n\
          key = \"simulated pair key, never used on a network\"\n\
          slots = 8\nheartbeat_interval_ms = {HEARTBEAT_INTERVAL_MS}\nheartbeat_timeout_ms = {HEARTBEAT_TIMEOUT_MS}\n\
-         [checkpoint]\ninterval_ms = 1000\nthreshold_percent = 50\n\
+         [consistency_point]\ninterval_ms = 1000\nthreshold_percent = 50\n\
          [ha]\nmailbox_interval_ms = 200\nmailbox_timeout_ms = {MAILBOX_TIMEOUT_MS}\nauto_takeover = true\nauto_giveback_delay_ms = 500\n",
         root = root.display(),
         nbd = 10808 + id,

@@ -16,18 +16,18 @@ impl Node {
     pub(super) fn over_threshold(&self) -> bool {
         let status = self.log.status();
         let used = status.halves[status.filling].used_bytes;
-        used * 100 >= status.half_len * u64::from(self.config.checkpoint.threshold_percent)
+        used * 100 >= status.half_len * u64::from(self.config.consistency_point.threshold_percent)
     }
 
-    pub(super) fn kick_checkpoint(&self) {
+    pub(super) fn kick_consistency_point(&self) {
         self.cp_signal.lock().kicked = true;
         self.cp_wake.notify_all();
     }
 
     /// The consistency-point thread: on a kick (a half closed, or the
     /// threshold was crossed) or on the timer.
-    pub fn run_checkpoints(&self) {
-        let interval = Duration::from_millis(self.config.checkpoint.interval_ms);
+    pub fn run_consistency_points(&self) {
+        let interval = Duration::from_millis(self.config.consistency_point.interval_ms);
         let mut last_cp = Instant::now();
         loop {
             {
@@ -42,7 +42,7 @@ impl Node {
                 signal.kicked = false;
             }
             let timer_due = last_cp.elapsed() >= interval;
-            if !self.checkpoint_tick(timer_due) {
+            if !self.consistency_point_tick(timer_due) {
                 return;
             }
             if timer_due {
@@ -54,8 +54,8 @@ impl Node {
     /// One round of the consistency-point thread; false once the node has
     /// failed (a consistency point that failed is never retried: the
     /// kernel may have dropped what it could not write).
-    pub fn checkpoint_tick(&self, timer_due: bool) -> bool {
-        match self.checkpoint_step(timer_due) {
+    pub fn consistency_point_tick(&self, timer_due: bool) -> bool {
+        match self.consistency_point_step(timer_due) {
             Ok(()) => true,
             Err(Error::Fenced { volumes_of, .. }) => {
                 // The records for the fenced volumes stay in the log; the
@@ -75,7 +75,7 @@ impl Node {
 
     /// Flush closed halves; close the filling one when the timer or the
     /// threshold says so.
-    fn checkpoint_step(&self, timer_due: bool) -> Result<()> {
+    fn consistency_point_step(&self, timer_due: bool) -> Result<()> {
         let _one_at_a_time = self.cp_lock.lock();
         if self.hooks().is_some_and(|hooks| hooks.log_is_stale()) {
             return Ok(());
@@ -85,7 +85,7 @@ impl Node {
         let filling_used = status.halves[status.filling].used_bytes;
         if filling_used > 0 && (timer_due || self.over_threshold()) {
             if let Some(half) = self.log.switch_half() {
-                self.checkpoint_half(half)?;
+                self.consistency_point_half(half)?;
             }
         }
         Ok(())
@@ -98,7 +98,7 @@ impl Node {
                 .filter(|&half| status.halves[half].state == HalfState::Closed)
                 .min_by_key(|&half| status.halves[half].generation);
             match oldest_closed {
-                Some(half) => self.checkpoint_half(half)?,
+                Some(half) => self.consistency_point_half(half)?,
                 None => return Ok(()),
             }
         }
@@ -106,18 +106,18 @@ impl Node {
 
     /// Flush everything logged: both halves (shutdown, after recovery,
     /// before a giveback).
-    pub fn checkpoint_everything(&self) -> Result<()> {
+    pub fn consistency_point_all(&self) -> Result<()> {
         let _one_at_a_time = self.cp_lock.lock();
         self.flush_closed_halves()?;
         if let Some(half) = self.log.switch_half() {
-            self.checkpoint_half(half)?;
+            self.consistency_point_half(half)?;
         }
         Ok(())
     }
 
     /// One consistency point: write the half's extents to the volume files,
     /// fdatasync, then free the half here and in the partner's mirror.
-    fn checkpoint_half(&self, half: usize) -> Result<()> {
+    fn consistency_point_half(&self, half: usize) -> Result<()> {
         // Whoever asked (the consistency-point thread, recovery, a giveback,
         // a shutdown), a consistency point that failed for another reason
         // than a fence fails the node: its half stays half-written and is
@@ -134,7 +134,7 @@ impl Node {
         let started = Instant::now();
         let status = self.log.status().halves[half];
         let span = tracing::info_span!(
-            "checkpoint",
+            "consistency_point",
             half,
             first_lsn = status.first_lsn,
             last_lsn = status.last_lsn
@@ -181,9 +181,11 @@ impl Node {
         let update = self.log.free_half(half)?;
         self.mirror.post_header(update.range);
         let elapsed_us = started.elapsed().as_micros() as u64;
-        self.stats.checkpoints.fetch_add(1, Ordering::Relaxed);
         self.stats
-            .checkpoint_us_total
+            .consistency_points
+            .fetch_add(1, Ordering::Relaxed);
+        self.stats
+            .consistency_point_us_total
             .fetch_add(elapsed_us, Ordering::Relaxed);
         tracing::debug!(bytes, elapsed_us, "consistency point done");
         Ok(())
