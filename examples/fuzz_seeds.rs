@@ -10,11 +10,11 @@ mod fuzz_checks;
 use std::path::Path;
 
 use fuzz_checks::{encode_info_request, encode_option, encode_request, INDEX_APPEND_CRC};
-use nvmirror::ha::index::{IndexEntry, TakeoverIndex};
+use nvmirror::ha::index::TakeoverIndex;
 use nvmirror::nbd::proto::*;
-use nvmirror::storage::extents::Source;
-use nvmirror::storage::mailbox::{self, Mailbox, MailboxState, VolumeInfo, MAILBOX_FORMAT_VERSION};
+use nvmirror::storage::mailbox::{self, Mailbox};
 use nvmirror::storage::ownership;
+use nvmirror::testing::fixtures::{example_index, example_mailbox_state, MINIMAL_CONFIG};
 
 type Seeds = Vec<(&'static str, Vec<u8>)>;
 
@@ -134,35 +134,9 @@ fn nbd_handshakes() -> Seeds {
     ]
 }
 
-fn mailbox_state() -> MailboxState {
-    MailboxState {
-        format_version: MAILBOX_FORMAT_VERSION,
-        node_id: 1,
-        heartbeat_seq: 0,
-        state: "starting".into(),
-        mirror_in_sync: false,
-        out_of_sync_reason: Some("partner unreachable".into()),
-        nbd_listen: "127.0.0.1:10809".into(),
-        volumes: vec![
-            VolumeInfo {
-                name: "vol0".into(),
-                size_bytes: 64 << 20,
-            },
-            VolumeInfo {
-                name: "db_2".into(),
-                size_bytes: 1 << 30,
-            },
-        ],
-        half_bytes: 32 << 20,
-        updated_unix_ms: 0,
-        boot: 1,
-        in_sync_with_boot: None,
-    }
-}
-
 /// Mailboxes as `Mailbox::update` writes them.
 fn mailboxes(aggregate_dir: &Path) -> Seeds {
-    let mailbox = Mailbox::new(aggregate_dir, mailbox_state());
+    let mailbox = Mailbox::new(aggregate_dir, example_mailbox_state());
     let mut seeds = Vec::new();
     mailbox.update(|_| {}).expect("write mailbox");
     seeds.push(("starting", std::fs::read(mailbox.path()).expect("read")));
@@ -192,33 +166,7 @@ fn owners(aggregate_dir: &Path) -> Seeds {
 }
 
 fn takeover_indexes() -> Seeds {
-    let index = TakeoverIndex {
-        partner: 2,
-        epoch: 3,
-        entries: vec![
-            IndexEntry {
-                volume_id: 2 << 16,
-                start: 0,
-                len: 4096,
-                lsn: 9,
-                source: Source::Region { offset: 123_456 },
-            },
-            IndexEntry {
-                volume_id: (2 << 16) | 1,
-                start: 512,
-                len: 1 << 20,
-                lsn: 10,
-                source: Source::Hole,
-            },
-            IndexEntry {
-                volume_id: 2 << 16,
-                start: 8192,
-                len: 100,
-                lsn: 11,
-                source: Source::Zero,
-            },
-        ],
-    };
+    let index = example_index();
     let empty = TakeoverIndex {
         partner: 1,
         epoch: 1,
@@ -243,19 +191,7 @@ fn takeover_indexes() -> Seeds {
     ]
 }
 
-const MINIMAL: &str = r#"node_id = 1
-data_dir = "/tmp/a"
-aggregate_dir = "/tmp/agg"
-[nbd]
-listen = "127.0.0.1:10809"
-[[volume]]
-name = "vol0"
-size = "64MiB"
-[interconnect]
-listen = "127.0.0.1:7001"
-partner = "127.0.0.1:7002"
-key = "a secret of sixteen bytes or more"
-"#;
+const MINIMAL: &str = MINIMAL_CONFIG;
 
 const FULL: &str = r#"node_id = 2
 data_dir = "/var/lib/nvmirror"

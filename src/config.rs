@@ -514,21 +514,9 @@ impl Config {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::testing::fixtures::MINIMAL_CONFIG;
 
-    const GOOD: &str = r#"
-node_id = 1
-data_dir = "/tmp/a"
-aggregate_dir = "/tmp/agg"
-[nbd]
-listen = "127.0.0.1:10809"
-[[volume]]
-name = "vol0"
-size = "64MiB"
-[interconnect]
-listen = "127.0.0.1:7001"
-partner = "127.0.0.1:7002"
-key = "a secret of sixteen bytes or more"
-"#;
+    const GOOD: &str = MINIMAL_CONFIG;
 
     #[test]
     fn a_good_config_parses_with_defaults() {

@@ -169,40 +169,11 @@ impl TakeoverIndex {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn sample() -> TakeoverIndex {
-        TakeoverIndex {
-            partner: 2,
-            epoch: 3,
-            entries: vec![
-                IndexEntry {
-                    volume_id: 2 << 16,
-                    start: 0,
-                    len: 4096,
-                    lsn: 9,
-                    source: Source::Region { offset: 123_456 },
-                },
-                IndexEntry {
-                    volume_id: (2 << 16) | 1,
-                    start: 512,
-                    len: 1 << 20,
-                    lsn: 10,
-                    source: Source::Hole,
-                },
-                IndexEntry {
-                    volume_id: 2 << 16,
-                    start: 8192,
-                    len: 100,
-                    lsn: 11,
-                    source: Source::Zero,
-                },
-            ],
-        }
-    }
+    use crate::testing::fixtures::example_index;
 
     #[test]
     fn round_trip_and_every_flip_detected() {
-        let index = sample();
+        let index = example_index();
         let bytes = index.encode();
         assert_eq!(TakeoverIndex::decode(&bytes), Ok(index));
         for at in 0..bytes.len() {
@@ -222,10 +193,10 @@ mod tests {
     fn save_load_remove() {
         let dir = tempfile::tempdir().expect("tempdir");
         assert_eq!(TakeoverIndex::load(dir.path(), 2).expect("load"), None);
-        sample().save(dir.path()).expect("save");
+        example_index().save(dir.path()).expect("save");
         assert_eq!(
             TakeoverIndex::load(dir.path(), 2).expect("load"),
-            Some(sample())
+            Some(example_index())
         );
         TakeoverIndex::remove(dir.path(), 2).expect("remove");
         assert_eq!(TakeoverIndex::load(dir.path(), 2).expect("load"), None);

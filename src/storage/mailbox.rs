@@ -144,39 +144,20 @@ pub fn now_unix_ms() -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn state() -> MailboxState {
-        MailboxState {
-            format_version: MAILBOX_FORMAT_VERSION,
-            node_id: 1,
-            heartbeat_seq: 0,
-            state: "starting".into(),
-            mirror_in_sync: false,
-            out_of_sync_reason: Some("partner unreachable".into()),
-            nbd_listen: "127.0.0.1:10809".into(),
-            volumes: vec![VolumeInfo {
-                name: "vol0".into(),
-                size_bytes: 1 << 20,
-            }],
-            half_bytes: 1 << 20,
-            updated_unix_ms: 5,
-            boot: 1,
-            in_sync_with_boot: None,
-        }
-    }
+    use crate::testing::fixtures::example_mailbox_state;
 
     #[test]
     fn round_trip_and_corruption() {
         let dir = tempfile::tempdir().expect("tempdir");
         assert_eq!(read(dir.path(), 1).expect("read"), None);
-        let mailbox = Mailbox::new(dir.path(), state());
+        let mailbox = Mailbox::new(dir.path(), example_mailbox_state());
         mailbox.update(|s| s.heartbeat_seq = 7).expect("write");
         let read_back = read(dir.path(), 1).expect("read").expect("written");
         assert_eq!(read_back.heartbeat_seq, 7);
         assert_eq!(read_back, mailbox.current());
         std::fs::write(mailbox.path(), b"{ not json").expect("write");
         assert!(matches!(read(dir.path(), 1), Err(Error::Corrupt { .. })));
-        let mut future = serde_json::to_value(state()).expect("json");
+        let mut future = serde_json::to_value(example_mailbox_state()).expect("json");
         future["format_version"] = 9.into();
         assert!(decode(future.to_string().as_bytes()).is_err());
     }

@@ -1,12 +1,88 @@
 //! Sample documents shared by unit tests, integration tests and fuzz seeds,
 //! so each is written once.
 
+use crate::ha::index::{IndexEntry, TakeoverIndex};
 use crate::ha::status::{
     HalfView, InterconnectView, LogView, MailboxView, MirrorStatus, PartnerStatus, ReplayStatus,
     Status, TakeoverStatus, VolumeStatus,
 };
 use crate::ha::Role;
 use crate::mirror::Link;
+use crate::storage::extents::Source;
+use crate::storage::mailbox::{MailboxState, VolumeInfo, MAILBOX_FORMAT_VERSION};
+
+/// The smallest valid configuration: node 1, one volume, a TCP link.
+pub const MINIMAL_CONFIG: &str = r#"node_id = 1
+data_dir = "/tmp/a"
+aggregate_dir = "/tmp/agg"
+[nbd]
+listen = "127.0.0.1:10809"
+[[volume]]
+name = "vol0"
+size = "64MiB"
+[interconnect]
+listen = "127.0.0.1:7001"
+partner = "127.0.0.1:7002"
+key = "a secret of sixteen bytes or more"
+"#;
+
+/// Node 1's mailbox as it starts: out of sync, two volumes.
+pub fn example_mailbox_state() -> MailboxState {
+    MailboxState {
+        format_version: MAILBOX_FORMAT_VERSION,
+        node_id: 1,
+        heartbeat_seq: 0,
+        state: "starting".into(),
+        mirror_in_sync: false,
+        out_of_sync_reason: Some("partner unreachable".into()),
+        nbd_listen: "127.0.0.1:10809".into(),
+        volumes: vec![
+            VolumeInfo {
+                name: "vol0".into(),
+                size_bytes: 64 << 20,
+            },
+            VolumeInfo {
+                name: "db_2".into(),
+                size_bytes: 1 << 30,
+            },
+        ],
+        half_bytes: 32 << 20,
+        updated_unix_ms: 0,
+        boot: 1,
+        in_sync_with_boot: None,
+    }
+}
+
+/// A takeover index of node 2's volumes with one entry of each source.
+pub fn example_index() -> TakeoverIndex {
+    TakeoverIndex {
+        partner: 2,
+        epoch: 3,
+        entries: vec![
+            IndexEntry {
+                volume_id: 2 << 16,
+                start: 0,
+                len: 4096,
+                lsn: 9,
+                source: Source::Region { offset: 123_456 },
+            },
+            IndexEntry {
+                volume_id: (2 << 16) | 1,
+                start: 512,
+                len: 1 << 20,
+                lsn: 10,
+                source: Source::Hole,
+            },
+            IndexEntry {
+                volume_id: 2 << 16,
+                start: 8192,
+                len: 100,
+                lsn: 11,
+                source: Source::Zero,
+            },
+        ],
+    }
+}
 
 /// A healthy node 1 in sync with node 2, serving one volume and showing
 /// one of its partner's.
