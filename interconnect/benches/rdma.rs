@@ -54,9 +54,11 @@ fn pair(busy_poll_us: u64) -> Pair {
         busy_poll_us,
         send_depth: SLOTS,
         max_write_len_bytes: 1 << 20,
-        heartbeat_interval_ms: 100,
-        silence_timeout_ms: 10_000,
-        handshake_timeout_ms: 10_000,
+        timers: interconnect::SessionTimers {
+            heartbeat_interval_ms: 100,
+            silence_timeout_ms: 10_000,
+            handshake_timeout_ms: 10_000,
+        },
         source_addr: Some(env_ip("NVMIRROR_RDMA_ADDR_A", "192.0.2.1")),
         ..RdmaConfig::new(PresharedKey::new(b"benchmark key, 32 bytes long....".to_vec()).unwrap())
     };

@@ -40,6 +40,7 @@ pub mod pacing;
 pub mod queue;
 #[cfg(feature = "rdma")]
 pub mod rdma;
+pub mod session;
 mod sync;
 pub mod tcp;
 pub mod transport;
@@ -51,6 +52,7 @@ pub use memory::SharedMemory;
 pub use queue::{Completions, MirrorWrite, Reservation, SendQueue, WriteId};
 #[cfg(feature = "rdma")]
 pub use rdma::{RdmaConfig, RdmaReceiver, RdmaSender};
+pub use session::SessionTimers;
 pub use tcp::wire::decode_frame;
 pub use tcp::{MirrorReceiver, ReceiverStats, TcpConfig, TcpSender};
 pub use transport::{Transport, TransportLimits, WorkRequest};

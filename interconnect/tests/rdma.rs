@@ -27,7 +27,7 @@ use interconnect::rdma::verbs::{
 use interconnect::rdma::{RdmaConfig, RdmaReceiver, RdmaSender};
 use interconnect::{
     ControlEvent, ControlMessage, Direction, Error, MirrorWrite, RefuseReason, SendQueue,
-    SharedMemory, Transport, WriteId,
+    SessionTimers, SharedMemory, Transport, WriteId,
 };
 
 use common::{expect_event, key, other_key, pattern, read_all, LONG};
@@ -270,10 +270,12 @@ fn rdma_config() -> RdmaConfig {
     RdmaConfig {
         send_depth: 32,
         max_write_len_bytes: 16 * 1024,
-        heartbeat_interval_ms: 50,
-        // The guest is an emulated CPU: generous, but bounded.
-        silence_timeout_ms: 5_000,
-        handshake_timeout_ms: 10_000,
+        timers: SessionTimers {
+            heartbeat_interval_ms: 50,
+            // The guest is an emulated CPU: generous, but bounded.
+            silence_timeout_ms: 5_000,
+            handshake_timeout_ms: 10_000,
+        },
         source_addr: Some(addr_a()),
         ..RdmaConfig::new(key())
     }

@@ -688,11 +688,9 @@ fn a_reconnect_supersedes_the_old_session_at_the_receiver() {
 #[test]
 fn a_silent_partner_is_reported_and_fails_the_session() {
     let _watchdog = watchdog("silent_partner", Duration::from_secs(30));
-    let config = TcpConfig {
-        heartbeat_interval_ms: 20,
-        silence_timeout_ms: 200,
-        ..config()
-    };
+    let mut config = config();
+    config.timers.heartbeat_interval_ms = 20;
+    config.timers.silence_timeout_ms = 200;
     // The black hole reads but never sends a heartbeat.
     let (addr, hang_up, acceptor) = black_hole(&config);
     let (events_tx, events) = unbounded();
@@ -759,11 +757,9 @@ fn a_silent_partner_is_reported_and_fails_the_session() {
 #[test]
 fn heartbeats_keep_an_idle_pair_alive() {
     let _watchdog = watchdog("heartbeats", Duration::from_secs(30));
-    let config = TcpConfig {
-        heartbeat_interval_ms: 20,
-        silence_timeout_ms: 150,
-        ..config()
-    };
+    let mut config = config();
+    config.timers.heartbeat_interval_ms = 20;
+    config.timers.silence_timeout_ms = 150;
     let pair = pair_with(&config);
     thread::sleep(Duration::from_millis(600));
     assert!(pair.queue.failure().is_none(), "{:?}", pair.queue.failure());

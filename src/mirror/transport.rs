@@ -60,16 +60,16 @@ impl NetworkInterconnect {
             TransportKind::Tcp => {
                 let mut tcp = TcpConfig::new(key);
                 tcp.send_depth = ic.slots;
-                tcp.heartbeat_interval_ms = ic.heartbeat_interval_ms;
-                tcp.silence_timeout_ms = ic.heartbeat_timeout_ms;
+                tcp.timers.heartbeat_interval_ms = ic.heartbeat_interval_ms;
+                tcp.timers.silence_timeout_ms = ic.heartbeat_timeout_ms;
                 Ok(NetworkInterconnect::Tcp(tcp))
             }
             #[cfg(feature = "rdma")]
             TransportKind::Rdma => {
                 let mut rdma = interconnect::RdmaConfig::new(key);
                 rdma.send_depth = ic.slots;
-                rdma.heartbeat_interval_ms = ic.heartbeat_interval_ms;
-                rdma.silence_timeout_ms = ic.heartbeat_timeout_ms;
+                rdma.timers.heartbeat_interval_ms = ic.heartbeat_interval_ms;
+                rdma.timers.silence_timeout_ms = ic.heartbeat_timeout_ms;
                 rdma.device = ic.device.clone();
                 // Dial from our own interconnect address: with both devices
                 // of a test pair on one host, that picks the right one.

@@ -132,6 +132,7 @@ pub use receiver::{RdmaReceiver, RdmaReceiverStats};
 pub use sender::RdmaSender;
 
 use crate::auth::PresharedKey;
+use crate::session::SessionTimers;
 use crate::{Error, SharedMemory};
 use verbs::{
     event, Access, CmEvent, CmId, CompletionQueue, EventChannel, MemoryRegion, ProtectionDomain,
@@ -150,12 +151,9 @@ pub struct RdmaConfig {
     /// Largest single RDMA WRITE; a sender uses the smaller of its own and
     /// the receiver's.
     pub max_write_len_bytes: u32,
-    /// Each side sends a heartbeat this often.
-    pub heartbeat_interval_ms: u64,
-    /// Silence from the partner longer than this fails the connection.
-    pub silence_timeout_ms: u64,
-    /// Bound on address resolution, connection and the whole handshake.
-    pub handshake_timeout_ms: u64,
+    /// Heartbeats, silence, and the bound on address resolution,
+    /// connection and the whole handshake.
+    pub timers: SessionTimers,
     /// The RDMA device the connection must use (rdma_cm picks it from the
     /// addresses; this only checks the pick). `None`: whichever it picks.
     pub device: Option<String>,
@@ -187,9 +185,7 @@ impl RdmaConfig {
             key,
             send_depth: 128,
             max_write_len_bytes: 1 << 20,
-            heartbeat_interval_ms: 100,
-            silence_timeout_ms: 2_000,
-            handshake_timeout_ms: 2_000,
+            timers: SessionTimers::default(),
             device: None,
             source_addr: None,
             busy_poll_us: 0,
@@ -212,16 +208,7 @@ impl RdmaConfig {
                 1u32 << 30
             ));
         }
-        if self.heartbeat_interval_ms == 0 || self.silence_timeout_ms <= self.heartbeat_interval_ms
-        {
-            return invalid(format!(
-                "heartbeat_interval_ms ({}) must be non-zero and below silence_timeout_ms ({})",
-                self.heartbeat_interval_ms, self.silence_timeout_ms
-            ));
-        }
-        if self.handshake_timeout_ms == 0 {
-            return invalid("handshake_timeout_ms must be non-zero".into());
-        }
+        self.timers.validate()?;
         if self.busy_poll_us > 1_000_000 {
             return invalid(format!(
                 "busy_poll_us {} is more than a second",
@@ -232,34 +219,6 @@ impl RdmaConfig {
             return invalid("device must be a device name (see `rdma link`) or unset".into());
         }
         Ok(())
-    }
-
-    fn heartbeat_interval(&self) -> Duration {
-        Duration::from_millis(self.heartbeat_interval_ms)
-    }
-
-    fn silence_timeout(&self) -> Duration {
-        Duration::from_millis(self.silence_timeout_ms)
-    }
-
-    fn handshake_timeout(&self) -> Duration {
-        Duration::from_millis(self.handshake_timeout_ms)
-    }
-
-    /// The longest a heartbeat should wait behind writes on the QP: the
-    /// sender keeps no more bytes in flight than the link carries in it
-    /// ([`crate::pacing`]). A heartbeat then arrives within an interval
-    /// plus this, well inside the silence timeout.
-    fn liveness_budget(&self) -> Duration {
-        self.heartbeat_interval()
-            .min(self.silence_timeout() / 4)
-            .max(Duration::from_millis(1))
-    }
-
-    /// How long a session loop sleeps at most before checking timers.
-    fn poll_tick(&self) -> Duration {
-        let tick = self.heartbeat_interval().min(self.silence_timeout() / 4);
-        tick.max(Duration::from_millis(1))
     }
 }
 

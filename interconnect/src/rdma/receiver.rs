@@ -232,7 +232,7 @@ impl Drop for RdmaReceiver {
 }
 
 fn run_listener(shared: &Arc<ReceiverShared>, channel: &Arc<EventChannel>, listen_id: Arc<CmId>) {
-    let tick = shared.config.poll_tick();
+    let tick = shared.config.timers.tick();
     while !shared.stop.load(Ordering::Acquire) {
         let event = match channel.next_event(tick) {
             Ok(Some(event)) => event,
@@ -398,7 +398,7 @@ fn accept(
     registered: &std::cell::Cell<Option<u64>>,
 ) -> Result<Accepted, HandshakeError> {
     let config = &shared.config;
-    let deadline = Deadline::after(config.handshake_timeout());
+    let deadline = Deadline::after(config.timers.handshake_timeout());
     let id = Arc::new(id);
     let conn = Connection::new(Arc::clone(&id), Arc::clone(&channel), 0, peer);
     let mut conn = match conn {
@@ -598,7 +598,7 @@ fn session_loop(
     control: &Receiver<ControlMessage>,
 ) -> Result<(), Error> {
     let config = &shared.config;
-    let mut detector = FailureDetector::new(config.silence_timeout(), Instant::now());
+    let mut detector = FailureDetector::new(config.timers.silence_timeout(), Instant::now());
     let mut last_sent = Instant::now();
     let mut heartbeat_seq = 0u64;
     let mut polled = Vec::new();
@@ -652,7 +652,7 @@ fn session_loop(
             }
         }
         conn.check_cm()?;
-        let idle = now.saturating_duration_since(last_sent) >= config.heartbeat_interval();
+        let idle = now.saturating_duration_since(last_sent) >= config.timers.heartbeat_interval();
         if (idle || conn.owes_credits()) && conn.can_send() {
             heartbeat_seq += 1;
             bytes.clear();
@@ -669,13 +669,15 @@ fn session_loop(
             });
             return Err(Error::PartnerSilent {
                 silent_ms,
-                timeout_ms: config.silence_timeout_ms,
+                timeout_ms: config.timers.silence_timeout_ms,
             });
         }
         let tick = config
-            .poll_tick()
+            .timers
+            .tick()
             .min(
                 config
+                    .timers
                     .heartbeat_interval()
                     .saturating_sub(now.saturating_duration_since(last_sent)),
             )

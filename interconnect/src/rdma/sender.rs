@@ -177,7 +177,7 @@ impl RdmaSender {
         config.validate()?;
         let span = tracing::info_span!("rdma_connect", peer = %addr);
         let _entered = span.enter();
-        let deadline = Deadline::after(config.handshake_timeout());
+        let deadline = Deadline::after(config.timers.handshake_timeout());
         let channel = EventChannel::new()?;
         let src = config.source_addr.map(|ip| SocketAddr::new(ip, 0));
         let id = resolve(&channel, src, addr, deadline)?;
@@ -305,7 +305,7 @@ impl RdmaSender {
                 highest_posted: 0,
                 queued_writes: 0,
                 placed: 0,
-                window: SendWindow::new(config.liveness_budget()),
+                window: SendWindow::new(config.timers.tick()),
             }),
             writes,
             controls,
@@ -518,7 +518,7 @@ impl SessionLoop {
         let mut backlog: VecDeque<WorkRequest> = VecDeque::with_capacity(config.send_depth);
         let mut polled = Vec::new();
         let mut placed = 0u64;
-        let mut detector = FailureDetector::new(config.silence_timeout(), Instant::now());
+        let mut detector = FailureDetector::new(config.timers.silence_timeout(), Instant::now());
         let mut last_sent = Instant::now();
         let mut heartbeat_seq = 0u64;
         let mut control_bytes = Vec::new();
@@ -595,7 +595,7 @@ impl SessionLoop {
             if let Err(error) = self.conn.poll(&mut polled) {
                 return Err(self
                     .conn
-                    .explain_failure(error, config.silence_timeout() / 4));
+                    .explain_failure(error, config.timers.silence_timeout() / 4));
             }
             let mut newest = placed;
             for item in polled.drain(..) {
@@ -644,7 +644,8 @@ impl SessionLoop {
 
             // Heartbeats: every interval even while writing (the receiver's
             // CPU does not see writes), and at once when owing credits.
-            let idle = now.saturating_duration_since(last_sent) >= config.heartbeat_interval();
+            let idle =
+                now.saturating_duration_since(last_sent) >= config.timers.heartbeat_interval();
             if (idle || self.conn.owes_credits())
                 && self.controls.is_empty()
                 && self.conn.can_send()
@@ -665,13 +666,15 @@ impl SessionLoop {
                 });
                 return Err(Error::PartnerSilent {
                     silent_ms,
-                    timeout_ms: config.silence_timeout_ms,
+                    timeout_ms: config.timers.silence_timeout_ms,
                 });
             }
             let tick = config
-                .poll_tick()
+                .timers
+                .tick()
                 .min(
                     config
+                        .timers
                         .heartbeat_interval()
                         .saturating_sub(now.saturating_duration_since(last_sent)),
                 )

@@ -20,12 +20,11 @@ mod receiver;
 mod sender;
 pub mod wire;
 
-use std::time::Duration;
-
 pub use receiver::{MirrorReceiver, ReceiverStats};
 pub use sender::TcpSender;
 
 use crate::auth::PresharedKey;
+use crate::session::SessionTimers;
 use crate::Error;
 
 /// Configuration of both TCP sides.
@@ -39,12 +38,8 @@ pub struct TcpConfig {
     /// Largest frame payload this side sends or accepts. A sender uses the
     /// smaller of its own and the receiver's.
     pub max_frame_len_bytes: u32,
-    /// Idle connections send a heartbeat this often.
-    pub heartbeat_interval_ms: u64,
-    /// Silence from the partner longer than this fails the connection.
-    pub silence_timeout_ms: u64,
-    /// Bound on connecting and on the whole handshake.
-    pub handshake_timeout_ms: u64,
+    /// Heartbeats, silence, handshake.
+    pub timers: SessionTimers,
 }
 
 impl TcpConfig {
@@ -54,9 +49,7 @@ impl TcpConfig {
             key,
             send_depth: 256,
             max_frame_len_bytes: 1 << 20,
-            heartbeat_interval_ms: 100,
-            silence_timeout_ms: 2_000,
-            handshake_timeout_ms: 2_000,
+            timers: SessionTimers::default(),
         }
     }
 
@@ -75,35 +68,6 @@ impl TcpConfig {
                 wire::FRAME_MAX_PAYLOAD_LEN_BYTES
             ));
         }
-        if self.heartbeat_interval_ms == 0 || self.silence_timeout_ms <= self.heartbeat_interval_ms
-        {
-            return invalid(format!(
-                "heartbeat_interval_ms ({}) must be non-zero and below silence_timeout_ms ({})",
-                self.heartbeat_interval_ms, self.silence_timeout_ms
-            ));
-        }
-        if self.handshake_timeout_ms == 0 {
-            return invalid("handshake_timeout_ms must be non-zero".into());
-        }
-        Ok(())
-    }
-
-    fn heartbeat_interval(&self) -> Duration {
-        Duration::from_millis(self.heartbeat_interval_ms)
-    }
-
-    fn silence_timeout(&self) -> Duration {
-        Duration::from_millis(self.silence_timeout_ms)
-    }
-
-    fn handshake_timeout(&self) -> Duration {
-        Duration::from_millis(self.handshake_timeout_ms)
-    }
-
-    /// How long a socket read waits before the loop checks heartbeats and
-    /// silence.
-    fn poll_tick(&self) -> Duration {
-        let tick = self.heartbeat_interval().min(self.silence_timeout() / 4);
-        tick.max(Duration::from_millis(1))
+        self.timers.validate()
     }
 }

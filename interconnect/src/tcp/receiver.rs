@@ -261,8 +261,8 @@ fn serve(shared: &ReceiverShared, mut stream: TcpStream, peer: SocketAddr) {
     let handshake = configure_stream(
         &stream,
         peer,
-        config.handshake_timeout(),
-        config.handshake_timeout(),
+        config.timers.handshake_timeout(),
+        config.timers.handshake_timeout(),
     )
     .and_then(|()| {
         stream
@@ -366,7 +366,12 @@ fn run_session(
     writer: Arc<Mutex<TcpStream>>,
 ) -> Result<Never, Error> {
     let config = &shared.config;
-    configure_stream(&stream, peer, config.poll_tick(), config.silence_timeout())?;
+    configure_stream(
+        &stream,
+        peer,
+        config.timers.tick(),
+        config.timers.silence_timeout(),
+    )?;
     Connection {
         shared,
         peer,
@@ -392,7 +397,7 @@ impl Connection<'_> {
     fn run(mut self, mut stream: TcpStream) -> Result<Never, Error> {
         let config = &self.shared.config;
         let mut reader = FrameReader::new(config.max_frame_len_bytes);
-        let mut detector = FailureDetector::new(config.silence_timeout(), Instant::now());
+        let mut detector = FailureDetector::new(config.timers.silence_timeout(), Instant::now());
         let mut last_sent = Instant::now();
         let mut acked = 0u64;
         let mut heartbeat_seq = 0u64;
@@ -412,7 +417,7 @@ impl Connection<'_> {
                 acked = self.last_write_id;
                 encode_frame(&mut out, FrameKind::Ack, self.session, acked, 0, &[]);
             }
-            if out.is_empty() && last_sent.elapsed() >= config.heartbeat_interval() {
+            if out.is_empty() && last_sent.elapsed() >= config.timers.heartbeat_interval() {
                 heartbeat_seq += 1;
                 let heartbeat = ControlMessage::Heartbeat { seq: heartbeat_seq };
                 encode_frame(
@@ -437,7 +442,7 @@ impl Connection<'_> {
                 });
                 return Err(Error::PartnerSilent {
                     silent_ms,
-                    timeout_ms: config.silence_timeout_ms,
+                    timeout_ms: config.timers.silence_timeout_ms,
                 });
             }
         }

@@ -94,18 +94,23 @@ impl TcpSender {
         config.validate()?;
         let span = tracing::info_span!("connect", peer = %addr);
         let _entered = span.enter();
-        let mut stream = TcpStream::connect_timeout(&addr, config.handshake_timeout())
+        let mut stream = TcpStream::connect_timeout(&addr, config.timers.handshake_timeout())
             .map_err(|source| Error::io("connecting", addr, source))?;
         configure_stream(
             &stream,
             addr,
-            config.handshake_timeout(),
-            config.handshake_timeout(),
+            config.timers.handshake_timeout(),
+            config.timers.handshake_timeout(),
         )?;
         let params = dial_handshake(&mut stream, addr, &config.key).inspect_err(|error| {
             tracing::warn!(%error, "interconnect handshake failed");
         })?;
-        configure_stream(&stream, addr, config.poll_tick(), config.silence_timeout())?;
+        configure_stream(
+            &stream,
+            addr,
+            config.timers.tick(),
+            config.timers.silence_timeout(),
+        )?;
 
         let max_write_len_bytes = config.max_frame_len_bytes.min(params.max_frame_len_bytes);
         if max_write_len_bytes == 0 {
@@ -289,7 +294,7 @@ fn run_writer(shared: &SenderShared, mut stream: TcpStream, outgoing: &Receiver<
     };
 
     while !shared.down.load(Ordering::Acquire) {
-        let first = match outgoing.recv_timeout(shared.config.heartbeat_interval()) {
+        let first = match outgoing.recv_timeout(shared.config.timers.heartbeat_interval()) {
             Ok(item) => Some(item),
             Err(RecvTimeoutError::Timeout) => None,
             Err(RecvTimeoutError::Disconnected) => return,
@@ -381,7 +386,7 @@ fn run_writer(shared: &SenderShared, mut stream: TcpStream, outgoing: &Receiver<
 /// Takes acks and control messages; watches for silence.
 fn run_reader(shared: &SenderShared, mut stream: TcpStream) {
     let mut reader = FrameReader::new(shared.config.max_frame_len_bytes);
-    let mut detector = FailureDetector::new(shared.config.silence_timeout(), Instant::now());
+    let mut detector = FailureDetector::new(shared.config.timers.silence_timeout(), Instant::now());
     let mut acked = 0u64;
     while !shared.down.load(Ordering::Acquire) {
         if let Err(error) = read_once(shared, &mut stream, &mut reader, &mut detector, &mut acked) {
@@ -453,7 +458,7 @@ fn read_once(
         });
         return Err(Error::PartnerSilent {
             silent_ms,
-            timeout_ms: shared.config.silence_timeout_ms,
+            timeout_ms: shared.config.timers.silence_timeout_ms,
         });
     }
     Ok(())

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::Receiver;
-use interconnect::{ControlEvent, PresharedKey, SharedMemory, TcpConfig};
+use interconnect::{ControlEvent, PresharedKey, SessionTimers, SharedMemory, TcpConfig};
 
 /// Generous bound for anything that should happen "soon".
 pub const LONG: Duration = Duration::from_secs(10);
@@ -24,9 +24,11 @@ pub fn config() -> TcpConfig {
     TcpConfig {
         send_depth: 64,
         max_frame_len_bytes: 64 * 1024,
-        heartbeat_interval_ms: 20,
-        silence_timeout_ms: 3_000,
-        handshake_timeout_ms: 2_000,
+        timers: SessionTimers {
+            heartbeat_interval_ms: 20,
+            silence_timeout_ms: 3_000,
+            handshake_timeout_ms: 2_000,
+        },
         ..TcpConfig::new(key())
     }
 }
