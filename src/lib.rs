@@ -1,5 +1,18 @@
 //! nvmirror: a synchronous storage-mirroring node for an HA pair.
-//! (The module map is rewritten with the layout; see README.md.)
+//!
+//! From the top down (imports point one way):
+//! - [`daemon`]: one node as a process, its threads and front ends;
+//! - [`admin`]: the operator's endpoint, its client and the CLI's output;
+//! - [`ha`]: boot, failure detection, takeover, replay, giveback, status;
+//! - [`node`]: the data path (write phases, reads, consistency points,
+//!   recovery), which asks HA only through [`node::NodeHooks`];
+//! - [`mirror`]: the link to the partner's mirror and the resync, over an
+//!   [`mirror::transport::Interconnect`];
+//! - [`storage`]: volumes on their [`storage::disk::Disk`], dirty maps,
+//!   owner files and the fence, mailboxes;
+//! - [`config`], [`error`], [`clock`], [`metrics`], [`inspect`];
+//! - [`testing`]: the simulation, the pair harness, the workload and the
+//!   drills, which nothing above imports.
 
 #![deny(unsafe_code)]
 

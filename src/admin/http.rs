@@ -23,7 +23,7 @@
 //! CLI, curl and a Prometheus scraper:
 //! - request line `METHOD SP origin-form SP HTTP/1.1` (or `HTTP/1.0`), at
 //!   most [`REQUEST_LINE_BYTES_MAX`] bytes; header section at most
-//!   [`HEADER_SECTION_BYTES_MAX`] bytes and [`HEADERS_MAX`] fields; every
+//!   [`HEADER_SECTION_BYTES_MAX`] bytes and [`HEADERS_MAX`](crate::admin::limits::HEADERS_MAX) fields; every
 //!   line ends with CRLF; no obsolete line folding; `Host` required (once)
 //!   in HTTP/1.1;
 //! - no request bodies: `Content-Length` absent or `0`, no

@@ -27,7 +27,7 @@ pub const FAULT_NAME_BYTES_MAX: usize = 64;
 /// Longest fault a drill may inject through `/fault`: an hour.
 pub const FAULT_DURATION_MS_MAX: u64 = 60 * 60 * 1000;
 
-/// Largest response [`request`] accepts (metrics of many volumes fit).
+/// Largest response [`request`](crate::admin::client::request) accepts (metrics of many volumes fit).
 pub const RESPONSE_BYTES_MAX: usize = 16 << 20;
 
 /// The head can be no longer than this: the request line, its CRLF, the

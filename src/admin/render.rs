@@ -208,7 +208,7 @@ pub fn parse_status(body: &str) -> Result<Status, String> {
 }
 
 /// What the CLI prints for `nvmirror takeover`, `giveback` or `fault`, given
-/// [`request`]'s answer: `"takeover: <message>"` on 200, `"takeover refused
+/// [`request`](crate::admin::client::request)'s answer: `"takeover: <message>"` on 200, `"takeover refused
 /// (409 Conflict): <message>"` otherwise.
 pub fn render_action(action: &str, status: u16, body: &str) -> String {
     let message = sanitize(body.trim_end());

@@ -68,7 +68,7 @@ impl HaNode {
         self.finish_replay(&holding)
     }
 
-    /// One step of the replay, for [`ReplayDriver::Caller`]: a batch of at most
+    /// One step of the replay, for [`ReplayDriver::Caller`](crate::ha::ReplayDriver::Caller): a batch of at most
     /// `batch_bytes`, or the end of the replay. False once nothing is left.
     pub fn replay_step(&self, batch_bytes: u64) -> Result<bool> {
         if !self.replay_pending() {

@@ -1,6 +1,6 @@
 //! The storage node's data path: its NVRAM, log, volumes and mirror.
 //!
-//! - [`write`]: the write path, in its three phases (suspendable, modify,
+//! - [`write`](mod@write): the write path, in its three phases (suspendable, modify,
 //!   wait);
 //! - [`read`]: the read path;
 //! - [`consistency_point`]: consistency points, which move a log half's data to

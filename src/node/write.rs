@@ -1,13 +1,13 @@
 //! The write path, in its three phases:
 //!
-//! 1. [`Node::suspendable_phase`]: reserve log space, then send-queue
+//! 1. `Node::suspendable_phase`: reserve log space, then send-queue
 //!    slots. Holds no lock; may wait for a consistency point or for
 //!    completions (or, for [`WhenFull::Refuse`], fail at once).
-//! 2. [`Node::modify_phase`], under the log's order lock (never blocks):
+//! 2. `Node::modify_phase`, under the log's order lock (never blocks):
 //!    LSN and position, record into the local log, the volume's dirty map,
 //!    the mirror post. Doing all of it under one lock keeps the partner's
 //!    mirror a prefix of the log and the dirty map in LSN order.
-//! 3. [`Node::wait_phase`]: placed in the partner's mirror while the link
+//! 3. `Node::wait_phase`: placed in the partner's mirror while the link
 //!    is in sync (group completion), else "out of sync" in the mailbox and
 //!    local persistence (group commit). `durability = "persist"`, FUA and
 //!    FLUSH also wait for local persistence. Last, the volume's fence: a

@@ -209,7 +209,7 @@ impl SimDisk {
     }
 
     /// fdatasync by the acting node: the sectors it wrote become durable.
-    /// A failed sync dooms them (see [`Pending::doomed`]).
+    /// A failed sync dooms them (see `Pending::doomed`).
     pub fn sync(&self) -> io::Result<()> {
         let shelf = self.shelf.upgrade().expect("the shelf outlives its disks");
         let actor = shelf.actor.load(Ordering::Acquire);
