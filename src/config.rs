@@ -150,7 +150,7 @@ pub struct Config {
     #[serde(rename = "volume", default)]
     pub volumes: Vec<VolumeConfig>,
     pub interconnect: InterconnectConfig,
-    /// `[consistency_point]`; `[checkpoint]`, its name before 0.2, is read
+    /// `[consistency_point]`; `[checkpoint]`, its earlier name, is read
     /// too.
     #[serde(default, alias = "checkpoint")]
     pub consistency_point: ConsistencyPointConfig,

@@ -1,7 +1,7 @@
 //! The daemon: one node of the pair as a process. It wires the node's
 //! threads (consistency points, the mirror's connector, interconnect
-//! events, the HA monitor, the replay), puts the NBD front end and the
-//! admin endpoint in front of it, and runs until SIGTERM or SIGINT
+//! events, the HA monitor; HA starts the replay's), puts the NBD front end
+//! and the admin endpoint in front of it, and runs until SIGTERM or SIGINT
 //! (`nvmirror node`).
 
 use std::net::SocketAddr;
@@ -110,16 +110,19 @@ impl RunningNode {
 
     /// Clean shutdown: a final consistency point, then stop every thread.
     pub fn shutdown(&self) -> Result<()> {
-        let result = self.ha.shutdown();
+        let result = self.ha.final_consistency_point();
         self.join_threads();
         result
     }
 
+    /// The node's loops and the monitor end first, so that no takeover
+    /// starts after the partner's address and the replay are let go.
     fn join_threads(&self) {
-        self.ha.stop();
+        self.ha.signal_stop();
         for thread in self.threads.lock().drain(..) {
             let _ = thread.join();
         }
+        self.ha.release();
         self.ha.node.shutdown_receiver();
     }
 }

@@ -66,6 +66,8 @@ pub enum Error {
         epoch: u64,
     },
 
+    /// At boot, resuming the partner's volumes (a takeover refuses with
+    /// [`Refusal::PartnerUnknown`] instead).
     #[error("node {partner} never wrote its mailbox: its volumes are unknown")]
     PartnerUnknown { partner: u32 },
 
@@ -74,6 +76,15 @@ pub enum Error {
 
     #[error("the link to the partner went down during the resync")]
     ResyncInterrupted,
+
+    #[error(
+        "writes still hold {reserved_bytes} bytes of log space after {waited:?}: the log is not \
+         discarded; retried"
+    )]
+    WritersStuck {
+        reserved_bytes: u64,
+        waited: std::time::Duration,
+    },
 
     #[error("no volume `{name}` is served here")]
     NoSuchVolume { name: String },

@@ -66,10 +66,12 @@ impl HaNode {
             .volumes
             .iter()
             .map(|v| (v.name.as_str(), v.size.0));
-        let (fence, volumes) = self.open_volume_set(me, specs, own)?;
+        // The fence first: a node that lost the race touches no file.
+        let fence = self.fence_for(own);
         fence.check()?;
+        let volumes = self.open_volume_set(me, specs, &fence)?;
         if discard_log {
-            self.wait_for_writers();
+            self.wait_for_writers()?;
             self.node.log.discard_all()?;
             ownership::log_discarded(&self.node.config.aggregate_dir, own)?;
         }
@@ -100,7 +102,7 @@ impl HaNode {
             .volumes
             .iter()
             .map(|v| (v.name.as_str(), v.size_bytes));
-        let (_, volumes) = self.open_volume_set(partner, specs, ownership)?;
+        let volumes = self.open_volume_set(partner, specs, &self.fence_for(ownership))?;
         Ok((volumes, mailbox))
     }
 

@@ -76,6 +76,13 @@ impl HaNode {
         for volume in self.node.detach_set(partner) {
             volume.fence.trip();
         }
+        assert!(
+            self.node
+                .volumes()
+                .iter()
+                .all(|volume| volume.set != partner),
+            "the partner's volumes are still served after the giveback"
+        );
         self.stop_serving_partner_address();
         let partner_nbd = mailbox::read(aggregate, partner)?
             .map(|m| m.nbd_listen)

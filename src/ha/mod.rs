@@ -62,7 +62,7 @@ use std::time::{Duration, Instant};
 
 use parking_lot::{Condvar, Mutex};
 
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::node::{Node, NodeHooks};
 use crate::storage::mailbox::MailboxState;
 use crate::storage::ownership::{Fence, Ownership};
@@ -103,10 +103,15 @@ pub trait PartnerService: Send + Sync + Debug {
     fn stop_serving_partner(&self);
 }
 
+/// How long discarding the log waits for writes between their reservation
+/// and their append.
+const WRITERS_WAIT: Duration = Duration::from_secs(5);
+
 /// Who runs the background replay after a takeover.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ReplayDriver {
-    /// A thread of its own, started by the takeover.
+    /// A thread of its own, started by the takeover (or at boot, when the
+    /// node resumes holding the partner's volumes).
     Thread,
     /// The caller, one batch at a time ([`HaNode::replay_step`]).
     Caller,
@@ -230,25 +235,29 @@ impl HaNode {
         condvar.notify_all();
     }
 
-    /// A clean stop: a final consistency point of whatever this node
-    /// serves, the partner's address let go, the replay thread joined. The
-    /// caller stops the node's threads after.
-    pub fn shutdown(&self) -> Result<()> {
+    /// Before a clean stop: a final consistency point of whatever this
+    /// node serves.
+    pub fn final_consistency_point(&self) -> Result<()> {
         let span = tracing::info_span!("node_shutdown", node_id = self.node.config.node_id);
         let _entered = span.enter();
-        let result = if self.role() == Role::Serving || self.holding_partner() {
+        if self.role() == Role::Serving || self.holding_partner() {
             self.node.consistency_point_all()
         } else {
             Ok(())
-        };
-        self.stop();
-        result
+        }
     }
 
-    /// Stop without a consistency point (as a crash would, minus the crash).
-    pub fn stop(&self) {
+    /// Tell the node's loops and the monitor to end (the caller joins
+    /// them, then calls [`HaNode::release`]).
+    pub fn signal_stop(&self) {
         self.node.stop();
         self.wake();
+    }
+
+    /// Once the monitor has ended (no takeover can start any more): let the
+    /// partner's address go and join the replay.
+    pub fn release(&self) {
+        assert!(self.node.is_stopping(), "release before signal_stop");
         self.stop_serving_partner_address();
         if let Some(thread) = self.replay_thread.lock().take() {
             let _ = thread.join();
@@ -259,17 +268,22 @@ impl HaNode {
         (self.node.config.node_id, self.node.config.partner_id())
     }
 
+    /// This node's fence on the volume set `ownership` gives it.
+    fn fence_for(&self, ownership: &Ownership) -> Arc<Fence> {
+        let config = &self.node.config;
+        Arc::new(Fence::new(&config.aggregate_dir, config.node_id, ownership))
+    }
+
     /// Open node `set`'s volumes (`(name, size)` in index order) behind
-    /// one fence on `ownership`.
+    /// `fence`.
     fn open_volume_set<'a>(
         &self,
         set: u32,
         volumes: impl Iterator<Item = (&'a str, u64)>,
-        ownership: &Ownership,
-    ) -> Result<(Arc<Fence>, Vec<Arc<Volume>>)> {
+        fence: &Arc<Fence>,
+    ) -> Result<Vec<Arc<Volume>>> {
         let config = &self.node.config;
-        let fence = Arc::new(Fence::new(&config.aggregate_dir, config.node_id, ownership));
-        let volumes = volumes
+        volumes
             .enumerate()
             .map(|(index, (name, size_bytes))| {
                 Volume::open(
@@ -283,20 +297,23 @@ impl HaNode {
                 )
                 .map(Arc::new)
             })
-            .collect::<Result<Vec<_>>>()?;
-        Ok((fence, volumes))
+            .collect()
     }
 
-    /// Wait (bounded) until no write holds log space it has not appended.
-    fn wait_for_writers(&self) {
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while self.node.log.status().reserved_bytes > 0 {
+    /// Wait (bounded) until no write holds log space it has not appended:
+    /// the log is discarded only then.
+    fn wait_for_writers(&self) -> Result<()> {
+        let deadline = Instant::now() + WRITERS_WAIT;
+        loop {
+            let reserved_bytes = self.node.log.status().reserved_bytes;
+            if reserved_bytes == 0 {
+                return Ok(());
+            }
             if Instant::now() >= deadline {
-                tracing::warn!(
-                    reserved_bytes = self.node.log.status().reserved_bytes,
-                    "writers still hold log space after 5 s; going on (their appends fail the gate)"
-                );
-                return;
+                return Err(Error::WritersStuck {
+                    reserved_bytes,
+                    waited: WRITERS_WAIT,
+                });
             }
             std::thread::sleep(Duration::from_millis(1));
         }

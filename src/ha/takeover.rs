@@ -163,6 +163,10 @@ impl HaNode {
         let forced = ours.forced;
         {
             let mut state = self.state.lock();
+            // Checked under the transition lock at the start; nothing else
+            // sets it.
+            assert!(state.holding.is_none(), "a second takeover of the partner");
+            assert_eq!(ours.owner, me, "serving volumes fenced to another node");
             state.holding = Some(Holding {
                 ownership: ours.clone(),
                 volumes,
