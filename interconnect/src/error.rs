@@ -43,66 +43,18 @@ impl std::fmt::Display for RefuseReason {
 #[non_exhaustive]
 pub enum Error {
     // --- configuration and API use ---
-    /// The send queue was asked for more slots than the transport can keep in flight.
-    #[error(
-        "a send queue of {requested} slots exceeds the transport's limit of {max} work requests \
-         in flight (its send depth and completion queue); configure at most {max} slots"
-    )]
-    TooManySlots {
-        /// Slots asked for.
-        requested: usize,
-        /// The transport's `max_in_flight`.
-        max: usize,
-    },
-    /// A send queue needs at least one slot.
-    #[error("a send queue needs at least one slot")]
-    NoSlots,
-    /// A replacement transport is smaller than the one the queue was built for.
-    #[error(
-        "the new transport's {what} is {new}, smaller than the send queue's {queue}; \
-         it cannot replace the old connection"
-    )]
-    TransportTooSmall {
-        /// Which limit is too small.
-        what: &'static str,
-        /// The queue's requirement.
-        queue: u64,
-        /// The new transport's value.
-        new: u64,
-    },
-    /// A reservation larger than the whole queue can never be granted.
-    #[error("a reservation of {requested} slots can never be granted: the queue has {capacity}")]
-    ReservationTooLarge {
-        /// Slots asked for.
-        requested: usize,
-        /// The queue's capacity.
-        capacity: usize,
-    },
-    /// `try_reserve` found too few free slots.
-    #[error("no free send-queue slots: {requested} requested, {free} free")]
-    NoFreeSlots {
-        /// Slots asked for.
-        requested: usize,
-        /// Slots free at the time.
-        free: usize,
-    },
-    /// `reserve_timeout` gave up.
-    #[error("timed out after {waited_ms} ms waiting for {requested} send-queue slots")]
-    ReserveTimedOut {
-        /// Slots asked for.
-        requested: usize,
-        /// How long it waited.
-        waited_ms: u64,
-    },
-    /// `wait_placed_timeout` gave up.
-    #[error(
-        "timed out after {waited_ms} ms waiting for write {id} to be placed in the partner mirror"
-    )]
-    PlacedTimedOut {
-        /// The write waited for.
-        id: u64,
-        /// How long it waited.
-        waited_ms: u64,
+    /// The send queue refused or lost a write.
+    #[error(transparent)]
+    Queue(#[from] QueueError),
+    /// A copy into or out of a memory region would leave it.
+    #[error("the range of {len_bytes} bytes at offset {offset} lies outside the {region_len_bytes}-byte memory region")]
+    OutOfBounds {
+        /// Start of the range.
+        offset: u64,
+        /// Length of the range.
+        len_bytes: u64,
+        /// Length of the region.
+        region_len_bytes: u64,
     },
     /// The queue's connection has failed; reserve again after `SendQueue::reconnect`.
     #[error(
@@ -114,39 +66,6 @@ pub enum Error {
         /// Why it failed.
         #[source]
         cause: Arc<Error>,
-    },
-    /// The write was posted but its connection failed before it was placed.
-    #[error(
-        "write {id} was not placed in the partner mirror: its connection (session {session:#x}) \
-         failed; the mirror is out of sync until resynchronised"
-    )]
-    WriteLost {
-        /// The lost write.
-        id: u64,
-        /// The session it was posted on.
-        session: u64,
-        /// Why the connection failed.
-        #[source]
-        cause: Arc<Error>,
-    },
-    /// The write is older than the queue's bounded history of failures.
-    #[error(
-        "the outcome of write {id} is no longer known (older than the queue's history of failed \
-         sessions); treat it as not mirrored"
-    )]
-    WriteOutcomeForgotten {
-        /// The write asked about.
-        id: u64,
-    },
-    /// A copy into or out of a memory region would leave it.
-    #[error("the range of {len_bytes} bytes at offset {offset} lies outside the {region_len_bytes}-byte memory region")]
-    OutOfBounds {
-        /// Start of the range.
-        offset: u64,
-        /// Length of the range.
-        len_bytes: u64,
-        /// Length of the region.
-        region_len_bytes: u64,
     },
     /// A configuration value is unusable.
     #[error("invalid interconnect configuration: {reason}")]
@@ -342,9 +261,116 @@ pub enum Error {
     Superseded,
 
     // --- RDMA ---
+    /// A verbs or rdma_cm step failed.
+    #[error(transparent)]
+    Rdma(#[from] RdmaError),
+}
+
+impl Error {
+    pub(crate) fn io(context: &'static str, peer: SocketAddr, source: io::Error) -> Self {
+        Self::Io {
+            context,
+            peer,
+            source,
+        }
+    }
+}
+
+/// What the send queue refuses, or reports lost.
+#[derive(Debug, thiserror::Error)]
+pub enum QueueError {
+    /// The send queue was asked for more slots than the transport can keep in flight.
+    #[error(
+        "a send queue of {requested} slots exceeds the transport's limit of {max} work requests \
+         in flight (its send depth and completion queue); configure at most {max} slots"
+    )]
+    TooManySlots {
+        /// Slots asked for.
+        requested: usize,
+        /// The transport's `max_in_flight`.
+        max: usize,
+    },
+    /// A send queue needs at least one slot.
+    #[error("a send queue needs at least one slot")]
+    NoSlots,
+    /// A replacement transport is smaller than the one the queue was built for.
+    #[error(
+        "the new transport's {what} is {new}, smaller than the send queue's {queue}; \
+         it cannot replace the old connection"
+    )]
+    TransportTooSmall {
+        /// Which limit is too small.
+        what: &'static str,
+        /// The queue's requirement.
+        queue: u64,
+        /// The new transport's value.
+        new: u64,
+    },
+    /// A reservation larger than the whole queue can never be granted.
+    #[error("a reservation of {requested} slots can never be granted: the queue has {capacity}")]
+    ReservationTooLarge {
+        /// Slots asked for.
+        requested: usize,
+        /// The queue's capacity.
+        capacity: usize,
+    },
+    /// `try_reserve` found too few free slots.
+    #[error("no free send-queue slots: {requested} requested, {free} free")]
+    NoFreeSlots {
+        /// Slots asked for.
+        requested: usize,
+        /// Slots free at the time.
+        free: usize,
+    },
+    /// `reserve_timeout` gave up.
+    #[error("timed out after {waited_ms} ms waiting for {requested} send-queue slots")]
+    ReserveTimedOut {
+        /// Slots asked for.
+        requested: usize,
+        /// How long it waited.
+        waited_ms: u64,
+    },
+    /// `wait_placed_timeout` gave up.
+    #[error(
+        "timed out after {waited_ms} ms waiting for write {id} to be placed in the partner mirror"
+    )]
+    PlacedTimedOut {
+        /// The write waited for.
+        id: u64,
+        /// How long it waited.
+        waited_ms: u64,
+    },
+    /// The write was posted but its connection failed before it was placed.
+    #[error(
+        "write {id} was not placed in the partner mirror: its connection (session {session:#x}) \
+         failed; the mirror is out of sync until resynchronised"
+    )]
+    WriteLost {
+        /// The lost write.
+        id: u64,
+        /// The session it was posted on.
+        session: u64,
+        /// Why the connection failed.
+        #[source]
+        cause: Arc<Error>,
+    },
+    /// The write is older than the queue's bounded history of failures.
+    #[error(
+        "the outcome of write {id} is no longer known (older than the queue's history of failed \
+         sessions); treat it as not mirrored"
+    )]
+    WriteOutcomeForgotten {
+        /// The write asked about.
+        id: u64,
+    },
+}
+
+/// What the RDMA transport's verbs and connection manager report.
+#[derive(Debug, thiserror::Error)]
+pub enum RdmaError {
     /// A verbs or rdma_cm call failed.
     #[error("RDMA error while {context}")]
-    Rdma {
+    Call {
         /// What we were doing.
         context: &'static str,
         /// The OS error the library reported.
@@ -353,7 +379,7 @@ pub enum Error {
     },
     /// rdma_cm reported an event other than the one the step waits for.
     #[error("RDMA connection manager: {event} (status {status}) while waiting for {expected}")]
-    RdmaCmEvent {
+    CmEvent {
         /// The event the step waits for.
         expected: &'static str,
         /// The event that came, as librdmacm names it.
@@ -363,7 +389,7 @@ pub enum Error {
     },
     /// A step of connection set-up did not finish in time.
     #[error("timed out after {waited_ms} ms while {context}")]
-    RdmaTimedOut {
+    TimedOut {
         /// The step.
         context: &'static str,
         /// How long it waited.
@@ -386,7 +412,7 @@ pub enum Error {
     },
     /// The partner closed the RDMA connection (or the QP exchange broke).
     #[error("RDMA connection closed ({event})")]
-    RdmaDisconnected {
+    Disconnected {
         /// The rdma_cm event that said so.
         event: String,
     },
@@ -406,14 +432,4 @@ pub enum Error {
         /// The device rdma_cm chose.
         found: String,
     },
-}
-
-impl Error {
-    pub(crate) fn io(context: &'static str, peer: SocketAddr, source: io::Error) -> Self {
-        Self::Io {
-            context,
-            peer,
-            source,
-        }
-    }
 }

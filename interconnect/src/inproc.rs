@@ -503,17 +503,17 @@ mod tests {
         assert_eq!(queue.placed(), placed);
         assert!(matches!(
             queue.wait_placed_timeout(lost, Duration::from_millis(20)),
-            Err(Error::PlacedTimedOut { .. })
+            Err(Error::Queue(crate::QueueError::PlacedTimedOut { .. }))
         ));
         assert_eq!(mirror_bytes(&link, 8, 9), [0; 9]);
         link.cut();
         assert!(matches!(
             queue.wait_placed_timeout(lost, LONG),
-            Err(Error::WriteLost { .. })
+            Err(Error::Queue(crate::QueueError::WriteLost { .. }))
         ));
         assert!(matches!(
             queue.wait_placed_timeout(after, LONG),
-            Err(Error::WriteLost { .. })
+            Err(Error::Queue(crate::QueueError::WriteLost { .. }))
         ));
         queue.wait_placed_timeout(placed, LONG).unwrap();
     }

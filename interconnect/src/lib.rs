@@ -47,7 +47,7 @@ pub mod transport;
 
 pub use auth::PresharedKey;
 pub use control::{decode_control, ControlEvent, ControlMessage, Direction, FailureDetector};
-pub use error::{Error, RefuseReason};
+pub use error::{Error, QueueError, RdmaError, RefuseReason};
 pub use memory::SharedMemory;
 pub use queue::{Completions, MirrorWrite, Reservation, SendQueue, WriteId};
 #[cfg(feature = "rdma")]

@@ -18,7 +18,7 @@
 //!
 //! Failure: the transport calls `Completions::failed`; every slot in flight
 //! is reclaimed, every write not yet placed is lost (its waiters get
-//! `Error::WriteLost`), reserve waiters get `Error::Disconnected`. Posts made
+//! `QueueError::WriteLost`), reserve waiters get `Error::Disconnected`. Posts made
 //! with reservations taken earlier still succeed and are recorded as lost at
 //! once. `SendQueue::reconnect` installs a new transport (a new session);
 //! completions from the old one are ignored by generation.
@@ -31,7 +31,7 @@ use std::time::{Duration, Instant};
 use crate::control::ControlMessage;
 use crate::sync::{lock, wait, wait_timeout, Condvar, Mutex, MutexGuard};
 use crate::transport::{Transport, TransportLimits, WorkRequest};
-use crate::Error;
+use crate::{Error, QueueError};
 
 /// Names one work request, dense and in post order (the first is 1). The
 /// `WriteId` returned by a post names the last work request of that post.
@@ -238,14 +238,15 @@ impl State {
     fn outcome(&self, id: u64) -> Result<(), Error> {
         assert!(id <= self.resolved_through);
         if let Some(range) = self.lost.iter().find(|r| r.first <= id && id <= r.last) {
-            return Err(Error::WriteLost {
+            return Err(QueueError::WriteLost {
                 id,
                 session: range.session,
                 cause: Arc::clone(&range.cause),
-            });
+            }
+            .into());
         }
         if id <= self.forgotten_through {
-            return Err(Error::WriteOutcomeForgotten { id });
+            return Err(QueueError::WriteOutcomeForgotten { id }.into());
         }
         Ok(())
     }
@@ -510,13 +511,14 @@ impl fmt::Debug for SendQueue {
 
 fn check_limits(capacity: usize, limits: &TransportLimits) -> Result<(), Error> {
     if capacity == 0 {
-        return Err(Error::NoSlots);
+        return Err(QueueError::NoSlots.into());
     }
     if capacity > limits.max_in_flight {
-        return Err(Error::TooManySlots {
+        return Err(QueueError::TooManySlots {
             requested: capacity,
             max: limits.max_in_flight,
-        });
+        }
+        .into());
     }
     if limits.max_write_len_bytes == 0 {
         return Err(Error::InvalidConfig {
@@ -586,11 +588,12 @@ impl SendQueue {
             ),
         ] {
             if new < needed {
-                return Err(Error::TransportTooSmall {
+                return Err(QueueError::TransportTooSmall {
                     what,
                     queue: needed,
                     new,
-                });
+                }
+                .into());
             }
         }
 
@@ -710,10 +713,11 @@ impl SendQueue {
             });
         }
         if !state.slots.try_reserve(slots) {
-            return Err(Error::NoFreeSlots {
+            return Err(QueueError::NoFreeSlots {
                 requested: slots,
                 free: state.slots.free(),
-            });
+            }
+            .into());
         }
         Ok(self.reservation(slots))
     }
@@ -721,10 +725,11 @@ impl SendQueue {
     fn check_request(&self, slots: usize) -> Result<(), Error> {
         assert!(slots > 0, "a reservation of zero slots");
         if slots > self.shared.capacity {
-            return Err(Error::ReservationTooLarge {
+            return Err(QueueError::ReservationTooLarge {
                 requested: slots,
                 capacity: self.shared.capacity,
-            });
+            }
+            .into());
         }
         Ok(())
     }
@@ -758,10 +763,11 @@ impl SendQueue {
                 Some((started, timeout)) => {
                     let waited = started.elapsed();
                     if waited >= timeout {
-                        return Err(Error::ReserveTimedOut {
+                        return Err(QueueError::ReserveTimedOut {
                             requested: slots,
                             waited_ms: waited.as_millis() as u64,
-                        });
+                        }
+                        .into());
                     }
                     wait_timeout(&self.shared.slot_freed, state, timeout - waited)
                 }
@@ -804,10 +810,11 @@ impl SendQueue {
                 Some((started, timeout)) => {
                     let waited = started.elapsed();
                     if waited >= timeout {
-                        return Err(Error::PlacedTimedOut {
+                        return Err(QueueError::PlacedTimedOut {
                             id: id.0,
                             waited_ms: waited.as_millis() as u64,
-                        });
+                        }
+                        .into());
                     }
                     wait_timeout(&self.shared.placed_advanced, state, timeout - waited)
                 }
@@ -887,14 +894,17 @@ mod tests {
         assert!(
             matches!(
                 err,
-                Error::TooManySlots {
+                Error::Queue(QueueError::TooManySlots {
                     requested: 5,
                     max: 4
-                }
+                })
             ),
             "{err}"
         );
-        assert!(matches!(SendQueue::new(transport, 0), Err(Error::NoSlots)));
+        assert!(matches!(
+            SendQueue::new(transport, 0),
+            Err(Error::Queue(QueueError::NoSlots))
+        ));
     }
 
     #[test]
@@ -904,10 +914,10 @@ mod tests {
         assert_eq!(queue.free_slots(), 1);
         assert!(matches!(
             queue.try_reserve(2),
-            Err(Error::NoFreeSlots {
+            Err(Error::Queue(QueueError::NoFreeSlots {
                 requested: 2,
                 free: 1
-            })
+            }))
         ));
         let b = queue.try_reserve(1).unwrap();
         assert_eq!(queue.free_slots(), 0);
@@ -916,16 +926,19 @@ mod tests {
             .reserve_timeout(1, Duration::from_millis(30))
             .unwrap_err();
         assert!(
-            matches!(err, Error::ReserveTimedOut { requested: 1, .. }),
+            matches!(
+                err,
+                Error::Queue(QueueError::ReserveTimedOut { requested: 1, .. })
+            ),
             "{err}"
         );
         assert!(started.elapsed() >= Duration::from_millis(30));
         assert!(matches!(
             queue.reserve(5),
-            Err(Error::ReservationTooLarge {
+            Err(Error::Queue(QueueError::ReservationTooLarge {
                 requested: 5,
                 capacity: 4
-            })
+            }))
         ));
         drop((a, b));
         assert_eq!(queue.free_slots(), 4);
@@ -1065,7 +1078,10 @@ mod tests {
             let err = reserver.join().unwrap().unwrap_err();
             assert!(matches!(err, Error::Disconnected { .. }), "{err}");
             let err = placed_waiter.join().unwrap().unwrap_err();
-            assert!(matches!(err, Error::WriteLost { id: 2, .. }), "{err}");
+            assert!(
+                matches!(err, Error::Queue(QueueError::WriteLost { id: 2, .. })),
+                "{err}"
+            );
         });
         queue.wait_placed_timeout(first, LONG).unwrap();
         assert_eq!(queue.in_flight(), 0);
@@ -1093,7 +1109,10 @@ mod tests {
         let id = reservation.post(write(0, 8));
         assert_eq!(queue.in_flight(), 0);
         let err = queue.wait_placed_timeout(id, LONG).unwrap_err();
-        assert!(matches!(err, Error::WriteLost { .. }), "{err}");
+        assert!(
+            matches!(err, Error::Queue(QueueError::WriteLost { .. })),
+            "{err}"
+        );
         assert_eq!(link.delivered(), 0);
     }
 
@@ -1136,7 +1155,7 @@ mod tests {
         // The old write stays lost: the mirror has a hole until resync.
         assert!(matches!(
             queue.wait_placed_timeout(lost, LONG),
-            Err(Error::WriteLost { id: 1, .. })
+            Err(Error::Queue(QueueError::WriteLost { id: 1, .. }))
         ));
         assert_eq!(reservation.remaining(), 0);
         assert_eq!(queue.free_slots(), 2);
@@ -1168,7 +1187,10 @@ mod tests {
         }
         let err = queue.wait_placed_timeout(first_id, LONG).unwrap_err();
         assert!(
-            matches!(err, Error::WriteOutcomeForgotten { id: 1 }),
+            matches!(
+                err,
+                Error::Queue(QueueError::WriteOutcomeForgotten { id: 1 })
+            ),
             "{err}"
         );
     }
@@ -1346,7 +1368,7 @@ mod loom_tests {
             ));
             assert!(matches!(
                 queue.wait_placed(id),
-                Err(Error::WriteLost { .. })
+                Err(Error::Queue(QueueError::WriteLost { .. }))
             ));
             assert_eq!(queue.in_flight(), 0);
             assert_eq!(queue.free_slots(), 1);

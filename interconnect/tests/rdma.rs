@@ -26,8 +26,8 @@ use interconnect::rdma::verbs::{
 };
 use interconnect::rdma::{RdmaConfig, RdmaReceiver, RdmaSender};
 use interconnect::{
-    ControlEvent, ControlMessage, Direction, Error, MirrorWrite, RefuseReason, SendQueue,
-    SessionTimers, SharedMemory, Transport, WriteId,
+    ControlEvent, ControlMessage, Direction, Error, MirrorWrite, QueueError, RdmaError,
+    RefuseReason, SendQueue, SessionTimers, SharedMemory, Transport, WriteId,
 };
 
 use common::{expect_event, key, other_key, pattern, read_all, LONG};
@@ -463,15 +463,15 @@ fn slots_run_out_and_completions_release_them() {
     );
     assert!(matches!(
         SendQueue::new(pair.sender.clone(), 5),
-        Err(Error::TooManySlots {
+        Err(Error::Queue(QueueError::TooManySlots {
             requested: 5,
             max: 4
-        })
+        }))
     ));
     let mut reservation = pair.queue.reserve(4).unwrap();
     assert!(matches!(
         pair.queue.try_reserve(1),
-        Err(Error::NoFreeSlots { .. })
+        Err(Error::Queue(QueueError::NoFreeSlots { .. }))
     ));
     let mut last = WriteId::NONE;
     for i in 0..4u64 {
@@ -606,7 +606,10 @@ fn partner_dying_mid_stream_errors_every_waiter() {
         let (placed, error) = writer.join().unwrap();
         eprintln!("writer placed {placed} writes, then: {error}");
         assert!(
-            matches!(error, Error::WriteLost { .. } | Error::Disconnected { .. }),
+            matches!(
+                error,
+                Error::Queue(QueueError::WriteLost { .. }) | Error::Disconnected { .. }
+            ),
             "{error:?}"
         );
     }
@@ -861,7 +864,7 @@ fn file_mapping_registration() {
                 let source = std::error::Error::source(&error).map(|s| s.to_string());
                 eprintln!("{dir} ({fs}): registration refused: {error}: {source:?}");
                 assert!(
-                    matches!(error, Error::Rdma { context, .. } if context.starts_with("registering")),
+                    matches!(error, Error::Rdma(RdmaError::Call { context, .. }) if context.starts_with("registering")),
                     "a refusal must be a registration error: {error:?}"
                 );
                 assert_ne!(fs, "tmpfs", "tmpfs pages can always be pinned");
@@ -957,7 +960,10 @@ fn zz_device_removal_errors_every_waiter() {
     for error in &errors {
         eprintln!("writer: {error}");
         assert!(
-            matches!(error, Error::WriteLost { .. } | Error::Disconnected { .. }),
+            matches!(
+                error,
+                Error::Queue(QueueError::WriteLost { .. }) | Error::Disconnected { .. }
+            ),
             "{error:?}"
         );
     }
@@ -966,9 +972,9 @@ fn zz_device_removal_errors_every_waiter() {
     assert!(
         matches!(
             &*failure,
-            Error::DeviceRemoved { .. }
-                | Error::RdmaDisconnected { .. }
-                | Error::WorkRequestFailed { .. }
+            Error::Rdma(RdmaError::DeviceRemoved { .. })
+                | Error::Rdma(RdmaError::Disconnected { .. })
+                | Error::Rdma(RdmaError::WorkRequestFailed { .. })
         ),
         "{failure:?}"
     );

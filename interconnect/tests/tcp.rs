@@ -17,8 +17,8 @@ use interconnect::tcp::wire::{
     NONCE_LEN, WIRE_VERSION,
 };
 use interconnect::{
-    ControlEvent, ControlMessage, Direction, Error, MirrorReceiver, MirrorWrite, RefuseReason,
-    SendQueue, SharedMemory, TcpConfig, TcpSender,
+    ControlEvent, ControlMessage, Direction, Error, MirrorReceiver, MirrorWrite, QueueError,
+    RefuseReason, SendQueue, SharedMemory, TcpConfig, TcpSender,
 };
 
 const MIRROR_LEN: usize = 1 << 20;
@@ -618,7 +618,10 @@ fn connection_loss_errors_every_waiter_reclaims_slots_and_allows_reconnect() {
         hang_up.send(()).unwrap();
         for waiter in placed_waiters {
             let error = waiter.join().unwrap().unwrap_err();
-            assert!(matches!(error, Error::WriteLost { .. }), "{error}");
+            assert!(
+                matches!(error, Error::Queue(QueueError::WriteLost { .. })),
+                "{error}"
+            );
         }
         let error = reserve_waiter.join().unwrap().unwrap_err();
         assert!(matches!(error, Error::Disconnected { .. }), "{error}");
@@ -654,7 +657,7 @@ fn connection_loss_errors_every_waiter_reclaims_slots_and_allows_reconnect() {
     // The writes of the dead session stay lost: the node must resync.
     assert!(matches!(
         queue.wait_placed_timeout(ids[0], LONG),
-        Err(Error::WriteLost { .. })
+        Err(Error::Queue(QueueError::WriteLost { .. }))
     ));
 }
 
@@ -791,10 +794,10 @@ fn the_queue_refuses_more_slots_than_the_send_depth() {
     assert!(
         matches!(
             error,
-            Error::TooManySlots {
+            Error::Queue(QueueError::TooManySlots {
                 requested: 9,
                 max: 8
-            }
+            })
         ),
         "{error}"
     );

@@ -31,7 +31,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crossbeam_channel::Sender;
-use interconnect::{ControlEvent, MirrorWrite, Reservation, SendQueue, SharedMemory, WriteId};
+use interconnect::{
+    ControlEvent, MirrorWrite, QueueError, Reservation, SendQueue, SharedMemory, WriteId,
+};
 use parking_lot::{Condvar, Mutex};
 
 use crate::clock::SharedClock;
@@ -258,7 +260,9 @@ impl Mirror {
         }
         match queue.try_reserve(slots) {
             Ok(reservation) => Ok(Some(reservation)),
-            Err(error @ interconnect::Error::NoFreeSlots { .. }) => Err(error.into()),
+            Err(error @ interconnect::Error::Queue(QueueError::NoFreeSlots { .. })) => {
+                Err(error.into())
+            }
             Err(_) => Ok(None),
         }
     }
@@ -607,7 +611,7 @@ fn wait_placed_with_progress(queue: &SendQueue, id: WriteId) -> Result<()> {
     loop {
         match queue.wait_placed_timeout(id, RESYNC_STALL_TIMEOUT) {
             Ok(()) => return Ok(()),
-            Err(error @ interconnect::Error::PlacedTimedOut { .. }) => {
+            Err(error @ interconnect::Error::Queue(QueueError::PlacedTimedOut { .. })) => {
                 let now_placed = queue.placed();
                 if now_placed == placed {
                     return Err(error.into());

@@ -167,7 +167,7 @@ impl Node {
         // The extents this consistency point skipped were replaced by newer
         // records, maybe in the next half and not yet persisted: persist
         // them before the half goes, or a crash would lose the newer record
-        // and, with the half, the older one (found by the simulation).
+        // and, with the half, the older one. See CHANGELOG.md.
         let newest = self.log.last_lsn();
         if newest > 0 {
             self.log.persist(newest)?;

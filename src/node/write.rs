@@ -32,7 +32,7 @@ pub enum WhenFull {
     /// Wait for a consistency point or for completions.
     Wait,
     /// Fail at once (`nvlog::Error::WouldBlock`,
-    /// `interconnect::Error::NoFreeSlots`): the caller tries again later.
+    /// `interconnect::QueueError::NoFreeSlots`): the caller tries again later.
     Refuse,
 }
 

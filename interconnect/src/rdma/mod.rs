@@ -94,7 +94,7 @@
 //! exactly as a plain file's page cache does (and neither survives a power
 //! loss without real NVRAM). A log on ext4 can still be a source (local
 //! read), so only the mirror half must move. A mirror that cannot be
-//! registered is refused when the receiver binds (`Error::Rdma` with
+//! registered is refused when the receiver binds (`Error::Rdma(RdmaError::Call)` with
 //! context "registering the mirror for remote write" and the errno), not
 //! at the partner's first write.
 //!
@@ -104,7 +104,7 @@
 //! |---------------------------------------|----------------------------------|-------------------------------------|
 //! | a work request fails (QP in error)    | error completion                 | session fails: `Completions::failed`|
 //! | partner disconnects / process exits   | DISCONNECTED, flushed requests   | same                                |
-//! | device removed                        | DEVICE_REMOVAL                   | same (`Error::DeviceRemoved`)       |
+//! | device removed                        | DEVICE_REMOVAL                   | same (`Error::Rdma(RdmaError::DeviceRemoved)`)       |
 //! | partner silent (hung, cable)          | no message for silence timeout   | same (`Error::PartnerSilent`)       |
 //! | partner never re-posts receives       | RNR retries exhausted            | same (error completion)             |
 //!
@@ -133,7 +133,7 @@ pub use sender::RdmaSender;
 
 use crate::auth::PresharedKey;
 use crate::session::SessionTimers;
-use crate::{Error, SharedMemory};
+use crate::{Error, RdmaError, SharedMemory};
 use verbs::{
     event, Access, CmEvent, CmId, CompletionQueue, EventChannel, MemoryRegion, ProtectionDomain,
     QpCaps, QueuePair, WorkCompletion,
@@ -276,9 +276,11 @@ struct Waker {
 
 impl Waker {
     fn new() -> Result<Self, Error> {
-        let io_error = |source| Error::Rdma {
-            context: "creating a wake-up socket pair",
-            source,
+        let io_error = |source| {
+            Error::Rdma(RdmaError::Call {
+                context: "creating a wake-up socket pair",
+                source,
+            })
         };
         let (tx, rx) = UnixStream::pair().map_err(io_error)?;
         tx.set_nonblocking(true).map_err(io_error)?;
@@ -441,12 +443,12 @@ impl Connection {
             let kind = wc.wr_id >> WR_KIND_SHIFT;
             let value = wc.wr_id & WR_VALUE_MASK;
             if !wc.is_ok() {
-                return Err(Error::WorkRequestFailed {
+                return Err(Error::Rdma(RdmaError::WorkRequestFailed {
                     kind: wr_kind_name(kind),
                     status: wc.status_name(),
                     code: wc.status,
                     vendor_err: wc.vendor_err,
-                });
+                }));
             }
             match kind {
                 WR_WRITE => out.push(Polled::Write { id: value }),
@@ -539,12 +541,12 @@ impl Connection {
     fn ending(&self, kind: u32) -> Option<Error> {
         match kind {
             event::ESTABLISHED | event::TIMEWAIT_EXIT => None,
-            event::DEVICE_REMOVAL => Some(Error::DeviceRemoved {
+            event::DEVICE_REMOVAL => Some(Error::Rdma(RdmaError::DeviceRemoved {
                 device: self.device.clone(),
-            }),
-            kind => Some(Error::RdmaDisconnected {
+            })),
+            kind => Some(Error::Rdma(RdmaError::Disconnected {
                 event: verbs::event_name(kind),
-            }),
+            })),
         }
     }
 
@@ -556,7 +558,7 @@ impl Connection {
     /// the writes in flight are lost with it, as on any closed session;
     /// otherwise the work request's own failure stands.
     fn explain_failure(&mut self, error: Error, linger: Duration) -> Error {
-        let Error::WorkRequestFailed { kind, .. } = &error else {
+        let Error::Rdma(RdmaError::WorkRequestFailed { kind, .. }) = &error else {
             return error;
         };
         let deadline = Instant::now() + linger;
@@ -637,7 +639,9 @@ impl Connection {
 /// Names the step of a failed verbs call more precisely.
 fn in_context(error: Error, context: &'static str) -> Error {
     match error {
-        Error::Rdma { source, .. } => Error::Rdma { context, source },
+        Error::Rdma(RdmaError::Call { source, .. }) => {
+            Error::Rdma(RdmaError::Call { context, source })
+        }
         other => other,
     }
 }
@@ -662,10 +666,10 @@ impl Deadline {
     }
 
     fn expired(&self, context: &'static str) -> Error {
-        Error::RdmaTimedOut {
+        Error::Rdma(RdmaError::TimedOut {
             context,
             waited_ms: self.total.as_millis() as u64,
-        }
+        })
     }
 }
 
@@ -681,11 +685,11 @@ fn expect_event(
         .next_event(left)?
         .ok_or_else(|| deadline.expired(context))?;
     if event.kind != expected {
-        return Err(Error::RdmaCmEvent {
+        return Err(Error::Rdma(RdmaError::CmEvent {
             expected: context,
             event: verbs::event_name(event.kind),
             status: event.status,
-        });
+        }));
     }
     Ok(event)
 }
@@ -718,11 +722,11 @@ fn resolve(
                 attempt = (attempt * 2).min(Duration::from_secs(1));
             }
             kind => {
-                return Err(Error::RdmaCmEvent {
+                return Err(Error::Rdma(RdmaError::CmEvent {
                     expected: "address resolution",
                     event: verbs::event_name(kind),
                     status: event.status,
-                })
+                }))
             }
         }
     }

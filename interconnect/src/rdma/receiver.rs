@@ -29,7 +29,7 @@ use super::{
 use crate::auth::{proof, random_bytes, session_id, verify_proof};
 use crate::control::{decode_control, ControlEvent, ControlMessage, Direction, FailureDetector};
 use crate::tcp::wire::{HandshakeStatus, MAC_LEN, NONCE_LEN};
-use crate::{Error, SharedMemory};
+use crate::{Error, RdmaError, SharedMemory};
 
 /// Connections that may be in their handshake at once; more are rejected
 /// at once, so a flood of strangers cannot pin threads and registrations.
@@ -116,11 +116,11 @@ impl RdmaReceiver {
         listen_id.bind(addr)?;
         if let (Some(wanted), Some(found)) = (&config.device, listen_id.device_name()) {
             if *wanted != found {
-                return Err(Error::WrongDevice {
+                return Err(Error::Rdma(RdmaError::WrongDevice {
                     addr,
                     wanted: wanted.clone(),
                     found,
-                });
+                }));
             }
         }
         // Bound to a device's address: find out now, not at the partner's
@@ -551,10 +551,10 @@ fn make_current(shared: &ReceiverShared, new: Current, peer: SocketAddr) -> Resu
         match old.gone.recv_timeout(SUPERSEDE_WAIT) {
             Err(crossbeam_channel::RecvTimeoutError::Disconnected) => {}
             Err(crossbeam_channel::RecvTimeoutError::Timeout) => {
-                return Err(Error::RdmaTimedOut {
+                return Err(Error::Rdma(RdmaError::TimedOut {
                     context: "waiting for the superseded session to close",
                     waited_ms: SUPERSEDE_WAIT.as_millis() as u64,
-                })
+                }))
             }
             Ok(()) => unreachable!("nobody sends on a session's gone channel"),
         }

@@ -43,7 +43,7 @@ use crate::pacing::SendWindow;
 use crate::queue::{Completions, WriteId};
 use crate::tcp::wire::{HandshakeStatus, NONCE_LEN};
 use crate::transport::{SessionLink, Transport, TransportLimits, WorkRequest};
-use crate::{Error, RefuseReason, SharedMemory};
+use crate::{Error, RdmaError, RefuseReason, SharedMemory};
 
 /// Where writes go: the QP, the local log's registration, the partner's
 /// mirror. Taken away (under the lock) when the session ends, so no post
@@ -184,11 +184,11 @@ impl RdmaSender {
         let device = id.device_name().unwrap_or_default();
         if let Some(wanted) = &config.device {
             if *wanted != device {
-                return Err(Error::WrongDevice {
+                return Err(Error::Rdma(RdmaError::WrongDevice {
                     addr,
                     wanted: wanted.clone(),
                     found: device,
-                });
+                }));
             }
         }
         id.resolve_route(deadline.left())?;
@@ -382,18 +382,18 @@ fn wait_established(
                 }) => Err(refused(RefuseReason::AuthFailed)),
                 Some(_) => Err(refused(RefuseReason::Malformed)),
                 // Not ours: nobody listens there, or the CM gave up.
-                None => Err(Error::RdmaCmEvent {
+                None => Err(Error::Rdma(RdmaError::CmEvent {
                     expected: "the partner's accept",
                     event: super::verbs::event_name(event.kind),
                     status: event.status,
-                }),
+                })),
             }
         }
-        kind => Err(Error::RdmaCmEvent {
+        kind => Err(Error::Rdma(RdmaError::CmEvent {
             expected: "the partner's accept",
             event: super::verbs::event_name(kind),
             status: event.status,
-        }),
+        })),
     }
 }
 

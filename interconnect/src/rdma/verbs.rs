@@ -34,7 +34,7 @@
 //! `ibv_post_send`. Remote ranges are the partner's business: its
 //! registration bounds what we may write.
 //!
-//! Every call that can fail returns [`Error::Rdma`] with the errno.
+//! Every call that can fail returns [`Error::Rdma(RdmaError::Call)`] with the errno.
 
 use std::ffi::CStr;
 use std::fmt;
@@ -50,10 +50,10 @@ use std::time::Duration;
 
 use rdma_sys as ffi;
 
-use crate::{Error, SharedMemory};
+use crate::{Error, RdmaError, SharedMemory};
 
 fn rdma_error(context: &'static str, source: io::Error) -> Error {
-    Error::Rdma { context, source }
+    Error::Rdma(RdmaError::Call { context, source })
 }
 
 fn last_error(context: &'static str) -> Error {

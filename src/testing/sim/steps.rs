@@ -13,6 +13,7 @@ use crate::storage::extents::Source;
 use crate::storage::ownership;
 use crate::storage::volume::{volume_id, Volume};
 use crate::testing::workload::BLOCK_BYTES;
+use interconnect::QueueError;
 
 impl World {
     /// A live node, one of the volumes it serves, and a block of it.
@@ -74,7 +75,9 @@ impl World {
                 });
             }
             Err(Error::Log(nvlog::Error::WouldBlock { .. }))
-            | Err(Error::Interconnect(interconnect::Error::NoFreeSlots { .. })) => {
+            | Err(Error::Interconnect(interconnect::Error::Queue(QueueError::NoFreeSlots {
+                ..
+            }))) => {
                 self.report.writes_busy += 1;
             }
             Err(error) => self.note(format_args!(
