@@ -28,10 +28,8 @@ use nvmirror::testing::harness::{PairHarness, PairSpec};
 
 const HALF_BYTES: u64 = 16 << 20;
 const WRITTEN_BYTES: u64 = 12 << 20;
-/// The throttle: 16 Mbit/s, 2 MB/s. The 12 MiB in the log take ~6 s to
-/// copy, six times the heartbeat timeout the harness configures (1 s).
-const RATE_BITS_PER_S: u64 = 16_000_000;
-const HEARTBEAT_TIMEOUT: Duration = Duration::from_secs(1);
+/// The heartbeat timeout the harness configures.
+const HARNESS_HEARTBEAT_TIMEOUT_MS: u64 = 1000;
 
 fn run(program: &str, args: &[&str]) {
     let output = Command::new(program)
@@ -49,6 +47,10 @@ fn run(program: &str, args: &[&str]) {
 struct Link {
     transport: &'static str,
     netdevs: Vec<String>,
+    /// The throttle. The 12 MiB in the log take six heartbeat timeouts or
+    /// more to copy.
+    rate_bits_per_s: u64,
+    heartbeat_timeout: Duration,
 }
 
 impl Link {
@@ -66,6 +68,13 @@ impl Link {
                     .split_whitespace()
                     .map(str::to_owned)
                     .collect(),
+                // Soft-RoCE runs in a guest whose CPU is emulated, where a
+                // thread can go unscheduled for most of a second: a 1 s
+                // silence timeout there measures the emulator, not the
+                // pacing (it failed one run in a few). 3 s leaves room for
+                // that; 8 Mbit/s keeps the copy at four such timeouts.
+                rate_bits_per_s: 8_000_000,
+                heartbeat_timeout: Duration::from_secs(3),
             },
             Ok("tcp") | Err(_) => {
                 // A network namespace for this thread and the processes it
@@ -78,6 +87,8 @@ impl Link {
                 Link {
                     transport: "tcp",
                     netdevs: vec!["lo".into()],
+                    rate_bits_per_s: 16_000_000,
+                    heartbeat_timeout: Duration::from_millis(HARNESS_HEARTBEAT_TIMEOUT_MS),
                 }
             }
             Ok(other) => panic!("NVMIRROR_SLOW_LINK_TRANSPORT={other}: expected tcp or rdma"),
@@ -89,7 +100,7 @@ impl Link {
     /// flight; a drop would cost a retransmission timeout); for TCP it is
     /// short (TCP recovers from drops, and a long queue only delays acks).
     fn throttle(&self) {
-        let rate = format!("{RATE_BITS_PER_S}bit");
+        let rate = format!("{}bit", self.rate_bits_per_s);
         for dev in &self.netdevs {
             let queue: &[&str] = if self.transport == "rdma" {
                 &["limit", "4mb"]
@@ -134,9 +145,23 @@ fn a_resync_longer_than_the_heartbeat_timeout_completes() {
         transport: link.transport.into(),
     })
     .expect("configure the pair");
-    let config = pair.node(2).config_path.clone();
-    let text = std::fs::read_to_string(&config).expect("config");
-    std::fs::write(&config, text.replace("\"vol\"", "\"vol-2\"")).expect("config");
+    for node in [1, 2] {
+        let config = pair.node(node).config_path.clone();
+        let mut text = std::fs::read_to_string(&config).expect("config");
+        let harness_timeout = format!("heartbeat_timeout_ms = {HARNESS_HEARTBEAT_TIMEOUT_MS}\n");
+        assert!(text.contains(&harness_timeout), "{text}");
+        text = text.replace(
+            &harness_timeout,
+            &format!(
+                "heartbeat_timeout_ms = {}\n",
+                link.heartbeat_timeout.as_millis()
+            ),
+        );
+        if node == 2 {
+            text = text.replace("\"vol\"", "\"vol-2\"");
+        }
+        std::fs::write(&config, text).expect("config");
+    }
 
     // Node 1 alone: its writes are acknowledged on local persistence and
     // stay in its log.
@@ -158,9 +183,9 @@ fn a_resync_longer_than_the_heartbeat_timeout_completes() {
     assert!(used >= WRITTEN_BYTES, "the log holds the writes: {status}");
 
     link.throttle();
-    let expected = Duration::from_secs_f64(used as f64 * 8.0 / RATE_BITS_PER_S as f64);
+    let expected = Duration::from_secs_f64(used as f64 * 8.0 / link.rate_bits_per_s as f64);
     assert!(
-        expected >= HEARTBEAT_TIMEOUT * 4,
+        expected >= link.heartbeat_timeout * 4,
         "the copy must outlast several heartbeat timeouts"
     );
     let started = Instant::now();
@@ -190,7 +215,8 @@ fn a_resync_longer_than_the_heartbeat_timeout_completes() {
     }
     let took = started.elapsed();
     eprintln!(
-        "in sync after {took:?}: {used} bytes over a {RATE_BITS_PER_S} bit/s link ({expected:?} of copying)"
+        "in sync after {took:?}: {used} bytes over a {} bit/s link ({expected:?} of copying)",
+        link.rate_bits_per_s
     );
     // The throttle held: the copy really took several heartbeat timeouts.
     assert!(took >= expected.mul_f64(0.8), "{took:?} < {expected:?}");
