@@ -71,6 +71,16 @@ pub enum Error {
     #[error("node {partner} never wrote its mailbox: its volumes are unknown")]
     PartnerUnknown { partner: u32 },
 
+    #[error(
+        "{} is still locked after {waited:?}: another change of hands is under way (or its node \
+         is stopped in the middle of one); try again",
+        path.display()
+    )]
+    OwnerFileBusy {
+        path: PathBuf,
+        waited: std::time::Duration,
+    },
+
     #[error("the mirror holds node {found}'s log, not node {expected}'s")]
     WrongMirror { found: u32, expected: u32 },
 

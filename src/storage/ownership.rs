@@ -8,9 +8,14 @@
 //! the file names another owner or a higher epoch, the fence trips for
 //! good and every later check fails.
 
+use std::fs::{File, OpenOptions};
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use nix::errno::Errno;
+use nix::fcntl::{Flock, FlockArg};
 
 use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
@@ -86,8 +91,14 @@ pub fn read(aggregate_dir: &Path, volumes_of: u32) -> Result<Ownership> {
     }
 }
 
+/// How long a change of hands waits for another to finish with the owner
+/// file (one takes milliseconds: a read, a write, two fsyncs).
+const OWNER_LOCK_WAIT: Duration = Duration::from_secs(5);
+
 /// Hand node `volumes_of`'s volumes to `owner` at the next epoch, durably.
-/// Fails if the epoch moved since `seen` (someone else changed hands).
+/// Fails if the epoch moved since `seen` (someone else changed hands): the
+/// check and the write are one step for every node that shares the
+/// aggregate, so of two changes from one epoch exactly one wins.
 pub fn change_hands(
     aggregate_dir: &Path,
     seen: &Ownership,
@@ -96,6 +107,7 @@ pub fn change_hands(
     log_replayed: bool,
     reason: &str,
 ) -> Result<Ownership> {
+    let _exclusive = lock_owner_file(aggregate_dir, seen.volumes_of)?;
     let current = read_unchanged(aggregate_dir, seen)?;
     let next = Ownership {
         format_version: OWNER_FORMAT_VERSION,
@@ -123,6 +135,7 @@ pub fn change_hands(
 /// [`Ownership::log_replayed`]): clear the flag, same owner and epoch, so a
 /// restart from now on recovers the log it writes again.
 pub fn log_discarded(aggregate_dir: &Path, seen: &Ownership) -> Result<Ownership> {
+    let _exclusive = lock_owner_file(aggregate_dir, seen.volumes_of)?;
     let current = read_unchanged(aggregate_dir, seen)?;
     let next = Ownership {
         log_replayed: false,
@@ -132,6 +145,41 @@ pub fn log_discarded(aggregate_dir: &Path, seen: &Ownership) -> Result<Ownership
     };
     write(aggregate_dir, &next)?;
     Ok(next)
+}
+
+/// An exclusive lock (flock) on node `volumes_of`'s owner lock file, held
+/// from the check of the epoch to the rename of the new owner file. The
+/// kernel drops it when its holder dies; a holder that is stopped (SIGSTOP)
+/// holds it, so the wait is bounded.
+fn lock_owner_file(aggregate_dir: &Path, volumes_of: u32) -> Result<Flock<File>> {
+    let path = aggregate_dir.join(format!("node-{volumes_of}.owner.lock"));
+    let io = |what: &'static str| {
+        let path = path.clone();
+        move |source| Error::Io { what, path, source }
+    };
+    std::fs::create_dir_all(aggregate_dir).map_err(io("creating the directory of"))?;
+    let deadline = Instant::now() + OWNER_LOCK_WAIT;
+    loop {
+        let file = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)
+            .map_err(io("opening"))?;
+        match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
+            Ok(locked) => return Ok(locked),
+            Err((_, Errno::EWOULDBLOCK)) if Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(2));
+            }
+            Err((_, Errno::EWOULDBLOCK)) => {
+                return Err(Error::OwnerFileBusy {
+                    path,
+                    waited: OWNER_LOCK_WAIT,
+                })
+            }
+            Err((_, errno)) => return Err(io("locking")(std::io::Error::from(errno))),
+        }
+    }
 }
 
 /// The owner file as `seen`, or an error if its owner or epoch moved since.
@@ -282,5 +330,44 @@ mod tests {
         std::fs::write(owner_path(dir.path(), 1), b"{").expect("write");
         assert!(matches!(read(dir.path(), 1), Err(Error::Corrupt { .. })));
         assert!(decode(br#"{"format_version":1,"volumes_of":1,"owner":7,"epoch":1,"forced":false,"log_replayed":false,"reason":"","updated_unix_ms":0}"#).is_err());
+    }
+
+    /// Two changes of hands from the same epoch (a takeover racing a
+    /// giveback or another takeover): exactly one wins, the other is told
+    /// the volumes changed hands, and the file holds the winner's.
+    #[test]
+    fn racing_changes_of_hands_from_one_epoch_have_one_winner() {
+        for round in 0..40 {
+            let dir = tempfile::tempdir().expect("tempdir");
+            let seen = read(dir.path(), 2).expect("read");
+            let barrier = std::sync::Barrier::new(2);
+            let results: Vec<Result<Ownership>> = std::thread::scope(|scope| {
+                let racers: Vec<_> = [1u32, 2]
+                    .into_iter()
+                    .map(|owner| {
+                        let (dir, seen, barrier) = (dir.path(), &seen, &barrier);
+                        scope.spawn(move || {
+                            barrier.wait();
+                            change_hands(dir, seen, owner, false, false, "race")
+                        })
+                    })
+                    .collect();
+                racers
+                    .into_iter()
+                    .map(|r| r.join().expect("racer"))
+                    .collect()
+            });
+            let winners: Vec<&Ownership> = results.iter().filter_map(|r| r.as_ref().ok()).collect();
+            assert_eq!(winners.len(), 1, "round {round}: {results:?}");
+            assert!(
+                results
+                    .iter()
+                    .any(|r| matches!(r, Err(Error::ChangedHands { epoch: 1, .. }))),
+                "round {round}: {results:?}"
+            );
+            let now = read(dir.path(), 2).expect("read");
+            assert_eq!(&now, winners[0], "round {round}");
+            assert_eq!(now.epoch, 1);
+        }
     }
 }
