@@ -70,6 +70,13 @@ impl Link {
     }
 }
 
+/// The resync's writes are at most this long, whatever the transport
+/// takes: a heartbeat waits behind at least one write in flight, and on a
+/// slow link a transport-sized one (1 MiB: a second at 8 Mbit/s) holds it
+/// past the partner's patience and near RDMA's retransmission timeout.
+/// 128 KiB is still a large write on a fast link.
+const RESYNC_WRITE_BYTES_MAX: u64 = 128 << 10;
+
 /// A resync (or a wait for everything posted) that places nothing for this
 /// long is abandoned and retried. Progress, not total time: a large log on
 /// a slow link takes as long as it takes.
@@ -566,7 +573,7 @@ impl Mirror {
         start: u64,
         partner_boot: Option<u64>,
     ) -> Result<bool> {
-        let chunk = u64::from(queue.limits().max_write_len_bytes);
+        let chunk = u64::from(queue.limits().max_write_len_bytes).min(RESYNC_WRITE_BYTES_MAX);
         let mut copied = 0;
         for range in ranges {
             let mut offset = range.start;

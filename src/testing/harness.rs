@@ -221,30 +221,40 @@ impl PairHarness {
         let header = nvlog::region::REGION_HEADER_BYTES;
         let log = read(self.nvram(writer), header)?;
         let copy = read(self.nvram(mirror), header + log_len)?;
-        let header_block = nvlog::region::LOG_HEADER_BYTES as usize;
-        if log[..header_block] != copy[..header_block] {
-            return Ok(false);
-        }
-        /// A scanned record: LSN, volume, offset, payload.
-        type Record = (u64, u32, u64, Vec<u8>);
-        let records = |image: &[u8]| -> Option<Vec<Record>> {
-            let scanner = nvlog::Scanner::new(image).ok()?;
-            Some(
-                scanner
-                    .map(|r| {
-                        (
-                            r.header.lsn,
-                            r.header.volume,
-                            r.header.offset,
-                            r.payload.to_vec(),
-                        )
-                    })
-                    .collect(),
-            )
-        };
-        let log_records = records(&log);
-        Ok(log_records.is_some() && log_records == records(&copy))
+        Ok(same_log(&log, &copy))
     }
+}
+
+/// Whether `copy` (a partner's mirror) holds the log `log`: the same header
+/// block and the same records. Bytes past the live ranges may differ: a
+/// resync copies only the live ranges.
+pub fn same_log(log: &[u8], copy: &[u8]) -> bool {
+    let header_block = nvlog::region::LOG_HEADER_BYTES as usize;
+    if log.len() < header_block || copy.len() < header_block {
+        return false;
+    }
+    if log[..header_block] != copy[..header_block] {
+        return false;
+    }
+    /// A scanned record: LSN, volume, offset, payload.
+    type Record = (u64, u32, u64, Vec<u8>);
+    let records = |image: &[u8]| -> Option<Vec<Record>> {
+        let scanner = nvlog::Scanner::new(image).ok()?;
+        Some(
+            scanner
+                .map(|r| {
+                    (
+                        r.header.lsn,
+                        r.header.volume,
+                        r.header.offset,
+                        r.payload.to_vec(),
+                    )
+                })
+                .collect(),
+        )
+    };
+    let log_records = records(log);
+    log_records.is_some() && log_records == records(copy)
 }
 
 impl NodeProcess {
