@@ -49,6 +49,7 @@ impl RunningNode {
             source,
         })?;
         let geometry = Geometry::new(config.nvram.half_size.0)?;
+        refuse_a_lost_nvram(&config, geometry)?;
         let region = Arc::new(Region::open(
             &config.nvram_path(),
             config.node_id,
@@ -130,6 +131,34 @@ impl RunningNode {
 impl Drop for RunningNode {
     fn drop(&mut self) {
         self.join_threads();
+    }
+}
+
+/// A node that has started before (its mailbox is there), still owns its
+/// volumes, and finds no region in its NVRAM would format a blank log: it
+/// would serve without the writes its log held, and its first resync would
+/// copy that empty log over the partner's mirror, the one place they may
+/// still be. (When the partner holds its volumes, the log is discarded at
+/// the giveback anyway: a blank one is fine.)
+fn refuse_a_lost_nvram(config: &Config, geometry: Geometry) -> Result<()> {
+    use crate::storage::{mailbox, ownership};
+    let me = config.node_id;
+    let Ok(Some(previous)) = mailbox::read(&config.aggregate_dir, me) else {
+        return Ok(());
+    };
+    if ownership::read(&config.aggregate_dir, me)?.owner != me {
+        return Ok(());
+    }
+    let nvram = config.nvram_path();
+    let mailbox = mailbox::mailbox_path(&config.aggregate_dir, me);
+    match nvlog::region::holds_no_region(&nvram, geometry)? {
+        None => Ok(()),
+        Some(why) => Err(Error::NvramLost {
+            nvram,
+            why,
+            boot: previous.boot,
+            mailbox,
+        }),
     }
 }
 

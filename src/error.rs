@@ -81,6 +81,21 @@ pub enum Error {
         waited: std::time::Duration,
     },
 
+    #[error(
+        "the NVRAM file {} is {why}, but this node has started before (boot {boot}, says its \
+         mailbox {}): its log and the writes in it are gone, and formatting a new one would serve \
+         without them. Let the partner take over (its mirror holds them), give back, then start \
+         this node; or, for a new node, remove the mailbox first",
+        nvram.display(),
+        mailbox.display()
+    )]
+    NvramLost {
+        nvram: PathBuf,
+        why: &'static str,
+        boot: u64,
+        mailbox: PathBuf,
+    },
+
     #[error("the mirror holds node {found}'s log, not node {expected}'s")]
     WrongMirror { found: u32, expected: u32 },
 

@@ -321,3 +321,58 @@ fn in_sync_names_the_boot_of_the_partner_that_accepted_the_session() {
     let partner = partner.lock().take().expect("node 2 started");
     partner.shutdown().expect("node 2 stops");
 }
+
+/// A node that has started before (its mailbox says so) and finds its
+/// NVRAM file missing, blank or truncated refuses to start: formatting it
+/// afresh would serve without the writes its log held (and a resync would
+/// copy the empty log over the partner's mirror of it).
+#[test]
+fn a_node_that_lost_its_nvram_refuses_to_format_it_afresh() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let ports = Ports {
+        ic: [free_port(), free_port()],
+        nbd: [free_port(), free_port()],
+    };
+    let config = config(dir.path(), 1, &ports);
+    let node = RunningNode::start(config.clone()).expect("first start");
+    node.shutdown().expect("clean stop");
+    drop(node);
+    let nvram = config.nvram_path();
+    let full_len = std::fs::metadata(&nvram).expect("nvram").len();
+    let saved = std::fs::read(&nvram).expect("read nvram");
+    for how in ["missing", "blank", "truncated"] {
+        std::fs::write(&nvram, &saved).expect("restore");
+        match how {
+            "missing" => std::fs::remove_file(&nvram).expect("remove"),
+            "blank" => std::fs::write(&nvram, vec![0u8; full_len as usize]).expect("blank"),
+            _ => std::fs::OpenOptions::new()
+                .write(true)
+                .open(&nvram)
+                .and_then(|file| file.set_len(full_len / 3))
+                .expect("truncate"),
+        }
+        let error = RunningNode::start(config.clone())
+            .expect_err(&format!("a {how} NVRAM file is not formatted afresh"));
+        let message = error.to_string();
+        assert!(
+            message.contains("has started before") && message.contains("mailbox"),
+            "{how}: {message}"
+        );
+    }
+    // Put back, it starts again.
+    std::fs::write(&nvram, &saved).expect("restore");
+    let node = RunningNode::start(config.clone()).expect("start with its NVRAM back");
+    node.shutdown().expect("clean stop");
+    drop(node);
+    // Once the partner holds its volumes, its log is discarded at the
+    // giveback anyway: a blank one is formatted, and it waits.
+    let aggregate = &config.aggregate_dir;
+    let own = nvmirror::storage::ownership::read(aggregate, 1).expect("owner file");
+    nvmirror::storage::ownership::change_hands(aggregate, &own, 2, false, false, "test")
+        .expect("hand over");
+    std::fs::remove_file(&nvram).expect("remove");
+    let node =
+        RunningNode::start(config).expect("a blank NVRAM while the partner holds the volumes");
+    assert_eq!(node.ha().role(), nvmirror::ha::Role::WaitingForGiveback);
+    drop(node);
+}

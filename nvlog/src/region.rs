@@ -450,6 +450,39 @@ impl Region {
     }
 }
 
+/// Why the NVRAM at `path` holds no region that [`Region::open`] would keep
+/// (it would format a new one): `Some("missing")`, `Some("blank")` or
+/// `Some("shorter than the region")`; `None` when it holds one.
+pub fn holds_no_region(path: &Path, geometry: Geometry) -> Result<Option<&'static str>> {
+    use std::os::unix::fs::FileTypeExt;
+    let open_error = |source| Error::Open {
+        path: path.to_owned(),
+        source,
+    };
+    let metadata = match std::fs::metadata(path) {
+        Err(error) if error.kind() == std::io::ErrorKind::NotFound => return Ok(Some("missing")),
+        other => other.map_err(open_error)?,
+    };
+    // A block device's size is not its metadata's length.
+    if !metadata.file_type().is_block_device() && metadata.len() < geometry.region_len() {
+        return Ok(Some("shorter than the region"));
+    }
+    let file = File::open(path).map_err(open_error)?;
+    let mut block = [0u8; REGION_HEADER_CRC_AT + 4];
+    let mut read = 0;
+    while read < block.len() {
+        match std::os::unix::fs::FileExt::read_at(&file, &mut block[read..], read as u64) {
+            Ok(0) => break,
+            Ok(n) => read += n,
+            Err(source) => return Err(open_error(source)),
+        }
+    }
+    Ok(block[..read]
+        .iter()
+        .all(|&byte| byte == 0)
+        .then_some("blank"))
+}
+
 /// Refuse a non-blank file whose region header is not this node's.
 fn check_existing_header(file: &File, path: &Path, node_id: u32, geometry: Geometry) -> Result<()> {
     let mut block = [0u8; REGION_HEADER_CRC_AT + 4];
