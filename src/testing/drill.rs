@@ -320,24 +320,10 @@ fn write_until_stopped(
         let stamp = ((writer + 1) << 40) | seq;
         let run = rng.gen_range(1..=8u64).min(ledger.blocks);
         let start = ledger.first_block + rng.gen_range(0..=ledger.blocks - run);
-        let mut data = Vec::with_capacity(run as usize * BLOCK_BYTES);
-        for block in start..start + run {
-            data.extend_from_slice(&block_pattern(ledger.volume_id, block, stamp));
-        }
-        for block in start..start + run {
-            // A block may hold any write not yet acknowledged: the ledger
-            // keeps the latest one sent (a retry sends a newer one).
-            ledger.state.entry(block).or_default().in_flight = Some(stamp);
-        }
+        let data = ledger.begin_write(start, run, stamp);
         match connection.write(start * BLOCK_BYTES as u64, &data, rng.gen_ratio(1, 16)) {
             Ok(()) => {
-                for block in start..start + run {
-                    let state = ledger.state.entry(block).or_default();
-                    state.acked = stamp;
-                    state.in_flight = None;
-                }
-                ledger.writes_acked += 1;
-                ledger.bytes_acked += data.len() as u64;
+                ledger.acknowledge(start, run, stamp);
                 worst_outage_ms = worst_outage_ms.max(last_ack.elapsed().as_millis() as u64);
                 last_ack = Instant::now();
             }

@@ -57,6 +57,31 @@ pub struct Ledger {
     pub stopped_by: Option<String>,
 }
 
+impl Ledger {
+    /// Start write `stamp` of blocks `start..start + run`: its bytes. Until
+    /// it is acknowledged each block may hold it or its last acknowledged
+    /// write (the ledger keeps the latest one sent: a retry sends a newer).
+    pub fn begin_write(&mut self, start: u64, run: u64, stamp: Stamp) -> Vec<u8> {
+        let mut data = Vec::with_capacity(run as usize * BLOCK_BYTES);
+        for block in start..start + run {
+            data.extend_from_slice(&block_pattern(self.volume_id, block, stamp));
+            self.state.entry(block).or_default().in_flight = Some(stamp);
+        }
+        data
+    }
+
+    /// Write `stamp` of blocks `start..start + run` was acknowledged.
+    pub fn acknowledge(&mut self, start: u64, run: u64, stamp: Stamp) {
+        for block in start..start + run {
+            let state = self.state.entry(block).or_default();
+            state.acked = stamp;
+            state.in_flight = None;
+        }
+        self.writes_acked += 1;
+        self.bytes_acked += run * BLOCK_BYTES as u64;
+    }
+}
+
 /// Write random runs of blocks in `[first_block, first_block + blocks)` of
 /// `volume` until `until`, recording every acknowledgement.
 pub fn run_writer(
@@ -75,24 +100,14 @@ pub fn run_writer(
         let run = rng.gen_range(1..=16u64).min(ledger.blocks);
         let start = ledger.first_block + rng.gen_range(0..=ledger.blocks - run);
         let fua = rng.gen_ratio(1, 16);
-        let mut data = Vec::with_capacity(run as usize * BLOCK_BYTES);
-        for block in start..start + run {
-            data.extend_from_slice(&block_pattern(ledger.volume_id, block, stamp));
-            ledger.state.entry(block).or_default().in_flight = Some(stamp);
-        }
+        let data = ledger.begin_write(start, run, stamp);
         let started = Instant::now();
         match client.write(start * BLOCK_BYTES as u64, &data, fua) {
             Ok(()) => {
                 ledger
                     .latencies_us
                     .push(started.elapsed().as_micros() as u64);
-                for block in start..start + run {
-                    let state = ledger.state.entry(block).or_default();
-                    state.acked = stamp;
-                    state.in_flight = None;
-                }
-                ledger.writes_acked += 1;
-                ledger.bytes_acked += data.len() as u64;
+                ledger.acknowledge(start, run, stamp);
             }
             Err(error) => {
                 // The write may or may not have landed: it stays in flight.
