@@ -79,11 +79,13 @@ impl SendWindow {
         }
     }
 
-    /// Whether a write of `len_bytes` may be posted now. A write is always
-    /// allowed on an idle link, so a write larger than the window still
-    /// goes (alone).
-    pub fn admits(&self, len_bytes: u64) -> bool {
-        self.in_flight.is_empty() || self.in_flight_bytes + len_bytes <= self.window_bytes()
+    /// Whether a write of `len_bytes` may join the chain being built, which
+    /// already holds `chained_bytes` not yet posted. A write is always
+    /// allowed on an idle link (nothing in flight, nothing chained), so a
+    /// write larger than the window still goes (alone).
+    pub fn admits(&self, chained_bytes: u64, len_bytes: u64) -> bool {
+        (self.in_flight.is_empty() && chained_bytes == 0)
+            || self.in_flight_bytes + chained_bytes + len_bytes <= self.window_bytes()
     }
 
     /// Bytes posted and not yet acknowledged.
@@ -186,7 +188,7 @@ mod tests {
         let mut now = Duration::ZERO;
         let mut most = 0;
         while next <= writes || !done_at.is_empty() {
-            while next <= writes && window.admits(len) {
+            while next <= writes && window.admits(0, len) {
                 window.posted(next, len);
                 let starts = link_free_at.max(now);
                 link_free_at = starts + Duration::from_nanos(len * 1_000_000_000 / rate);
@@ -236,12 +238,16 @@ mod tests {
     #[test]
     fn a_write_larger_than_the_window_goes_alone() {
         let mut window = SendWindow::new(Duration::from_millis(1));
-        assert!(window.admits(16 * MIB), "an idle link admits any write");
+        assert!(window.admits(0, 16 * MIB), "an idle link admits any write");
+        assert!(
+            !window.admits(16 * MIB, 1),
+            "nothing joins a chain beyond the window"
+        );
         window.posted(1, 16 * MIB);
-        assert!(!window.admits(1), "nothing joins it beyond the window");
+        assert!(!window.admits(0, 1), "nothing joins it beyond the window");
         window.placed_through(1, Instant::now(), false);
         assert_eq!(window.in_flight_bytes(), 0);
-        assert!(window.admits(16 * MIB));
+        assert!(window.admits(0, 16 * MIB));
     }
 
     #[test]

@@ -538,14 +538,12 @@ impl SessionLoop {
                 let mut post = shared.post();
                 backlog.extend(self.writes.try_iter());
                 writes.clear();
-                let window_bytes = post.window.window_bytes();
-                let signal_bytes = (window_bytes / 4).max(1);
-                let mut chain_bytes = post.window.in_flight_bytes();
+                let signal_bytes = (post.window.window_bytes() / 4).max(1);
+                let mut chain_bytes = 0u64;
                 let mut unsignaled_bytes = 0u64;
                 while let Some(request) = backlog.front() {
                     let len = u64::from(request.len_bytes);
-                    let idle = post.window.in_flight_bytes() == 0 && writes.is_empty();
-                    if !idle && chain_bytes + len > window_bytes {
+                    if !post.window.admits(chain_bytes, len) {
                         break;
                     }
                     let request = backlog.pop_front().expect("looked at above");
