@@ -68,12 +68,14 @@ pub fn node_metrics(ha: &HaNode) -> String {
         "Send-queue slots in flight",
         gauge(node.mirror.slots_in_use() as u64),
     );
+    // The rest from the status document, read once.
+    let status = ha.status();
     registry.register(
         "mirror_in_sync",
         "1 when the partner's mirror holds every acknowledged write",
-        gauge(u64::from(node.mailbox.current().mirror_in_sync)),
+        gauge(u64::from(status.mirror.in_sync)),
     );
-    let log = node.log.status();
+    let log = &status.log;
     registry.register(
         "log_used_bytes",
         "Bytes used in the filling half of the log",
@@ -82,9 +84,8 @@ pub fn node_metrics(ha: &HaNode) -> String {
     registry.register(
         "log_half_bytes",
         "Bytes of one log half",
-        gauge(log.half_len),
+        gauge(log.half_bytes),
     );
-    let status = ha.status();
     registry.register(
         "holding_partner_volumes",
         "1 while this node serves its partner's volumes after a takeover",

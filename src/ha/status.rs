@@ -191,7 +191,7 @@ impl HaNode {
         } else if state
             .partner_mailbox
             .as_ref()
-            .is_some_and(|m| m.in_sync_with_boot != Some(self.node.mailbox.current().boot))
+            .is_some_and(|m| m.in_sync_with_boot != Some(mirror.boot))
         {
             Some("the partner's mirror was in sync with an earlier start of this node".to_owned())
         } else {
