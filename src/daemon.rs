@@ -21,7 +21,7 @@ use crate::error::{Error, Result};
 use crate::ha::status::Status;
 use crate::ha::{HaNode, HaOptions, PartnerService, ReplayDriver, Role};
 use crate::mirror::transport::NetworkInterconnect;
-use crate::node::{spawn, Environment, Node};
+use crate::node::{random_boot_id, spawn, Environment, Node};
 use crate::storage::disk::FileDisks;
 use crate::storage::volume::Volume;
 use nbd::{Errno, Export, ExportError, Exports, NbdServer, ServerConfig};
@@ -61,6 +61,7 @@ impl RunningNode {
             clock: Arc::new(SystemClock),
             disks: Arc::new(FileDisks),
             interconnect: Arc::new(NetworkInterconnect::from_config(&config)?),
+            boot: random_boot_id(),
         };
         let (node, events) = Node::open(config, region, environment)?;
         let ha = HaNode::start(

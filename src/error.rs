@@ -186,4 +186,14 @@ pub enum Refusal {
 
     #[error("node {partner}'s volumes are not held here (owner: node {owner})")]
     NotHeld { partner: u32, owner: u32 },
+
+    /// A giveback whose consistency points left records for the partner's
+    /// volumes in this node's log (writes to this node's own volumes held
+    /// the space the filling half needed to close).
+    #[error(
+        "node {partner}'s volumes still have {bytes} bytes only in this node's log: a consistency \
+         point could not flush them yet (writes here hold the log); they stay served here, try \
+         the giveback again"
+    )]
+    LogNotFlushed { partner: u32, bytes: u64 },
 }

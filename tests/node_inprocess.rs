@@ -7,7 +7,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::Sender;
-use interconnect::{ControlEvent, SharedMemory, Transport};
+use interconnect::{
+    Completions, ControlEvent, ControlMessage, SharedMemory, Transport, TransportLimits,
+    WorkRequest,
+};
 use nvlog::{Geometry, Region};
 use nvmirror::clock::SystemClock;
 use nvmirror::config::Config;
@@ -15,7 +18,7 @@ use nvmirror::daemon::RunningNode;
 use nvmirror::ha::{HaNode, HaOptions, ReplayDriver};
 use nvmirror::mirror::transport::{Interconnect, MirrorListener, NetworkInterconnect};
 use nvmirror::mirror::Link;
-use nvmirror::node::{Environment, Node};
+use nvmirror::node::{random_boot_id, Environment, Node};
 use nvmirror::storage::disk::FileDisks;
 use nvmirror::testing::harness::same_log;
 use parking_lot::Mutex;
@@ -34,6 +37,11 @@ struct Ports {
 }
 
 fn config(root: &Path, node_id: u32, ports: &Ports) -> Config {
+    config_with(root, node_id, ports, "")
+}
+
+/// The test config with `extra` TOML appended (its own tables).
+fn config_with(root: &Path, node_id: u32, ports: &Ports, extra: &str) -> Config {
     let me = (node_id - 1) as usize;
     let text = format!(
         r#"
@@ -45,10 +53,10 @@ half_size = "256KiB"
 [nbd]
 listen = "127.0.0.1:{nbd}"
 [[volume]]
-name = "vol0"
+name = "n{node_id}vol0"
 size = "4MiB"
 [[volume]]
-name = "vol1"
+name = "n{node_id}vol1"
 size = "1MiB"
 [interconnect]
 listen = "127.0.0.1:{listen}"
@@ -58,6 +66,7 @@ heartbeat_interval_ms = 50
 heartbeat_timeout_ms = 1000
 [consistency_point]
 interval_ms = 200
+{extra}
 "#,
         root = root.display(),
         nbd = ports.nbd[me],
@@ -293,6 +302,7 @@ fn in_sync_names_the_boot_of_the_partner_that_accepted_the_session() {
             network: NetworkInterconnect::from_config(&config1).expect("interconnect"),
             before_dial: Mutex::new(Some(before_dial)),
         }),
+        boot: random_boot_id(),
     };
     std::fs::create_dir_all(&config1.data_dir).expect("data dir");
     let region = Arc::new(
@@ -379,4 +389,394 @@ fn a_node_that_lost_its_nvram_refuses_to_format_it_afresh() {
         RunningNode::start(config).expect("a blank NVRAM while the partner holds the volumes");
     assert_eq!(node.ha().role(), nvmirror::ha::Role::WaitingForGiveback);
     drop(node);
+}
+
+/// A giveback hands back only volumes whose newest blocks have left the
+/// survivor's log: the partner reads only the volume files, and discards
+/// its own log. Reservations of writes to the survivor's own volumes (held
+/// here by hand) can keep the filling half from closing; the giveback then
+/// refuses, the volumes stay served here, and a later one succeeds.
+#[test]
+fn a_giveback_waits_until_the_partners_blocks_have_left_the_log() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let ports = Ports {
+        ic: [free_port(), free_port()],
+        nbd: [free_port(), free_port()],
+    };
+    let manual = "[ha]\nauto_takeover = false\n";
+    let a = RunningNode::start(config_with(dir.path(), 1, &ports, manual)).expect("node 1");
+    let b = RunningNode::start(config(dir.path(), 2, &ports)).expect("node 2");
+    wait_for("node 1 in sync", Duration::from_secs(10), || {
+        a.node().link() == Link::InSync
+    });
+    b.shutdown().expect("node 2 stops");
+    drop(b);
+    a.ha()
+        .takeover(false, "test: node 2 stopped")
+        .expect("takeover");
+    let theirs = a
+        .node()
+        .volumes()
+        .into_iter()
+        .find(|volume| volume.name == "n2vol0")
+        .expect("node 2's vol0 served by node 1");
+    let data = pattern(42, 4096);
+    a.node()
+        .write(&theirs, 8192, &data, false)
+        .expect("write to node 2's volume");
+
+    // More than a half's worth of log space held, as writers waiting to
+    // append would hold it.
+    let log = &a.node().log;
+    let half_len = log.status().half_len;
+    let mut held = Vec::new();
+    let mut held_bytes = 0;
+    while held_bytes <= half_len {
+        let reservation = log.try_reserve(4096).expect("log space");
+        held_bytes += reservation.len_bytes();
+        held.push(reservation);
+    }
+    let refused = a
+        .ha()
+        .giveback()
+        .expect_err("a giveback with node 2's block only in node 1's log");
+    assert!(
+        matches!(
+            refused,
+            nvmirror::error::Error::Refused(nvmirror::error::Refusal::LogNotFlushed {
+                partner: 2,
+                ..
+            })
+        ),
+        "{refused}"
+    );
+    a.node()
+        .write(&theirs, 0, &pattern(43, 512), false)
+        .expect("still served, and written, after the refusal");
+
+    drop(held);
+    a.ha().giveback().expect("giveback");
+    a.shutdown().expect("node 1 stops");
+    drop(a);
+    let b = RunningNode::start(config(dir.path(), 2, &ports)).expect("node 2 again");
+    assert_eq!(b.ha().role(), nvmirror::ha::Role::Serving);
+    let vol0 = b.node().volumes()[0].clone();
+    let mut read = vec![0u8; 4096];
+    b.node().read(&vol0, 8192, &mut read).expect("read");
+    assert!(
+        read == data,
+        "node 2 lost the block written while node 1 held its volumes"
+    );
+    let mut read = vec![0u8; 512];
+    b.node().read(&vol0, 0, &mut read).expect("read");
+    assert!(
+        read == pattern(43, 512),
+        "node 2 lost the write made after the refusal"
+    );
+    b.shutdown().expect("node 2 stops");
+}
+
+/// A write waiting for log space when its volume is fenced (consistency
+/// points stop once it is, so the space would not come) fails with the
+/// fence's error instead of waiting on, and appends nothing. Else, given
+/// the space when the giveback's return discards the log, it would append
+/// a stale record to the fresh log.
+#[test]
+fn a_write_waiting_for_log_space_fails_when_its_volume_is_fenced() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let ports = Ports {
+        ic: [free_port(), free_port()],
+        nbd: [free_port(), free_port()],
+    };
+    let config = config(dir.path(), 1, &ports);
+    let environment = Environment {
+        clock: Arc::new(SystemClock),
+        disks: Arc::new(FileDisks),
+        interconnect: Arc::new(NetworkInterconnect::from_config(&config).expect("interconnect")),
+        boot: random_boot_id(),
+    };
+    std::fs::create_dir_all(&config.data_dir).expect("data dir");
+    let region = Arc::new(
+        Region::open(
+            &config.nvram_path(),
+            1,
+            Geometry::new(config.nvram.half_size.0).expect("geometry"),
+        )
+        .expect("nvram"),
+    );
+    // No consistency-point thread: nothing frees the log.
+    let (node, _events) = Node::open(config, region, environment).expect("node");
+    let _ha = HaNode::start(
+        node.clone(),
+        HaOptions {
+            replay: ReplayDriver::Caller,
+            partner_service: None,
+        },
+    )
+    .expect("HA");
+    let volume = node.volumes()[0].clone();
+    let block = pattern(5, 4096);
+    let mut offset = 0;
+    while node.log.try_reserve(block.len()).is_ok() {
+        node.write(&volume, offset, &block, false).expect("write");
+        offset += block.len() as u64;
+    }
+    let last_lsn = node.log.last_lsn();
+
+    let (done_tx, done_rx) = crossbeam_channel::bounded(1);
+    let writer = {
+        let node = node.clone();
+        let volume = volume.clone();
+        std::thread::spawn(move || {
+            let _ = done_tx.send(node.write(&volume, 0, &pattern(6, 4096), false));
+        })
+    };
+    assert!(
+        done_rx.recv_timeout(Duration::from_millis(300)).is_err(),
+        "the write waits for log space"
+    );
+    volume.fence.trip();
+    let result = done_rx
+        .recv_timeout(Duration::from_secs(10))
+        .expect("the waiting write gave up once its volume was fenced");
+    assert!(
+        matches!(result, Err(nvmirror::error::Error::Fenced { .. })),
+        "{result:?}"
+    );
+    assert_eq!(node.log.last_lsn(), last_lsn, "nothing appended");
+    assert_eq!(node.log.status().reserved_bytes, 0);
+    writer.join().expect("writer");
+    node.stop();
+}
+
+/// Each start has a boot identity no earlier start had, even when the
+/// mailbox that recorded the earlier ones is lost: the partner's "in sync
+/// with boot N" must never vouch for a later start, which may have lost
+/// what was mirrored to it.
+#[test]
+fn every_start_has_a_boot_identity_of_its_own() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let ports = Ports {
+        ic: [free_port(), free_port()],
+        nbd: [free_port(), free_port()],
+    };
+    let config = config(dir.path(), 1, &ports);
+    let mailbox = nvmirror::storage::mailbox::mailbox_path(&config.aggregate_dir, 1);
+    let mut seen = std::collections::HashSet::new();
+    for start in 0..4 {
+        let node = RunningNode::start(config.clone()).expect("start");
+        let boot = node.node().mailbox.current().boot;
+        assert!(seen.insert(boot), "start {start} reused boot {boot}");
+        node.shutdown().expect("clean stop");
+        drop(node);
+        if start % 2 == 1 {
+            std::fs::remove_file(&mailbox).expect("lose the mailbox");
+        }
+    }
+}
+
+/// When its volumes come back, a node discards its log; until a resync
+/// copies the new one, the partner's mirror holds the old log, which the
+/// partner replayed already. The mailbox must say "out of sync" by then, or
+/// a takeover in that window would replay older blocks over newer ones.
+#[test]
+fn volumes_given_back_leave_the_mirror_out_of_sync_until_a_resync() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let ports = Ports {
+        ic: [free_port(), free_port()],
+        nbd: [free_port(), free_port()],
+    };
+    let manual = "[ha]\nauto_takeover = false\nmailbox_interval_ms = 50\n";
+    let a = RunningNode::start(config_with(dir.path(), 1, &ports, manual)).expect("node 1");
+    let b = RunningNode::start(config_with(dir.path(), 2, &ports, manual)).expect("node 2");
+    wait_for("both in sync", Duration::from_secs(10), || {
+        a.node().link() == Link::InSync && b.node().link() == Link::InSync
+    });
+    let vol0 = b.node().volumes()[0].clone();
+    b.node()
+        .write(&vol0, 0, &pattern(1, 4096), false)
+        .expect("write");
+    a.ha()
+        .takeover(false, "test: planned takeover")
+        .expect("takeover");
+    wait_for("node 2 fenced", Duration::from_secs(10), || {
+        b.ha().role() == nvmirror::ha::Role::Fenced
+    });
+    // No resync can follow the giveback for a while.
+    b.ha().cut_interconnect(Duration::from_secs(60));
+    a.ha().giveback().expect("giveback");
+    wait_for("node 2 serving again", Duration::from_secs(10), || {
+        b.ha().role() == nvmirror::ha::Role::Serving
+    });
+    let mailbox = b.node().mailbox.current();
+    assert!(
+        !mailbox.mirror_in_sync,
+        "node 2 discarded its log, and its mailbox still vouches for the old mirror"
+    );
+    let reason = mailbox.out_of_sync_reason.unwrap_or_default();
+    assert!(reason.contains("discarded its log"), "{reason}");
+    a.shutdown().expect("node 1 stops");
+    b.shutdown().expect("node 2 stops");
+}
+
+/// An interconnect whose sessions the test can fail by hand, the way a
+/// transport fails one: through the queue's completion handle, with the
+/// link event left for whoever handles events (here: nobody).
+/// Its first write waits for the test (`first_post`: the test hears when
+/// it is there, and says when it may go on).
+#[derive(Debug)]
+struct FailOnRequest {
+    network: NetworkInterconnect,
+    completions: Arc<Mutex<Option<Completions>>>,
+    first_post: Arc<Mutex<Option<FirstPost>>>,
+}
+
+#[derive(Debug)]
+struct FirstPost {
+    arrived: Sender<()>,
+    go_on: crossbeam_channel::Receiver<()>,
+}
+
+#[derive(Debug)]
+struct KeepsCompletions {
+    inner: Arc<dyn Transport>,
+    completions: Arc<Mutex<Option<Completions>>>,
+    first_post: Arc<Mutex<Option<FirstPost>>>,
+}
+
+impl Transport for KeepsCompletions {
+    fn limits(&self) -> TransportLimits {
+        self.inner.limits()
+    }
+    fn session(&self) -> u64 {
+        self.inner.session()
+    }
+    fn attach(&self, completions: Completions) {
+        *self.completions.lock() = Some(completions.clone());
+        self.inner.attach(completions)
+    }
+    fn post_write(&self, request: WorkRequest) {
+        if let Some(first) = self.first_post.lock().take() {
+            let _ = first.arrived.send(());
+            let _ = first.go_on.recv_timeout(Duration::from_secs(10));
+        }
+        self.inner.post_write(request)
+    }
+    fn send_control(&self, message: &ControlMessage) -> Result<(), interconnect::Error> {
+        self.inner.send_control(message)
+    }
+    fn close(&self) {
+        self.inner.close()
+    }
+}
+
+impl Interconnect for FailOnRequest {
+    fn connect(
+        &self,
+        partner: SocketAddr,
+        local_log: SharedMemory,
+        events: Sender<ControlEvent>,
+    ) -> nvmirror::Result<Arc<dyn Transport>> {
+        Ok(Arc::new(KeepsCompletions {
+            inner: self.network.connect(partner, local_log, events)?,
+            completions: self.completions.clone(),
+            first_post: self.first_post.clone(),
+        }))
+    }
+
+    fn listen(
+        &self,
+        addr: SocketAddr,
+        mirror: SharedMemory,
+        events: Sender<ControlEvent>,
+    ) -> nvmirror::Result<Box<dyn MirrorListener>> {
+        self.network.listen(addr, mirror, events)
+    }
+}
+
+/// A resync declares the mirror in sync only on a session that still
+/// stands. The link turns Down only when the failure's event is handled;
+/// a session that fails after the copy was placed, before that, must not
+/// be declared in sync: a write posted to it after the copy may have been
+/// acknowledged on local persistence alone, with "out of sync" in the
+/// mailbox, and the declaration would cover it up.
+#[test]
+fn a_resync_does_not_declare_a_failed_session_in_sync() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let ports = Ports {
+        ic: [free_port(), free_port()],
+        nbd: [free_port(), free_port()],
+    };
+    let partner = RunningNode::start(config(dir.path(), 2, &ports)).expect("node 2");
+    let config1 = config(dir.path(), 1, &ports);
+    let completions = Arc::new(Mutex::new(None));
+    let (arrived_tx, arrived) = crossbeam_channel::bounded(1);
+    let (go_on, go_on_rx) = crossbeam_channel::bounded(1);
+    let environment = Environment {
+        clock: Arc::new(SystemClock),
+        disks: Arc::new(FileDisks),
+        interconnect: Arc::new(FailOnRequest {
+            network: NetworkInterconnect::from_config(&config1).expect("interconnect"),
+            completions: completions.clone(),
+            first_post: Arc::new(Mutex::new(Some(FirstPost {
+                arrived: arrived_tx,
+                go_on: go_on_rx,
+            }))),
+        }),
+        boot: random_boot_id(),
+    };
+    std::fs::create_dir_all(&config1.data_dir).expect("data dir");
+    let region = Arc::new(
+        Region::open(
+            &config1.nvram_path(),
+            1,
+            Geometry::new(config1.nvram.half_size.0).expect("geometry"),
+        )
+        .expect("nvram"),
+    );
+    // The interconnect's events are never handled: the link stays as the
+    // resync set it.
+    let (node, _events) = Node::open(config1, region, environment).expect("node 1");
+    let _ha = HaNode::start(
+        node.clone(),
+        HaOptions {
+            replay: ReplayDriver::Caller,
+            partner_service: None,
+        },
+    )
+    .expect("HA of node 1");
+    let resync = {
+        let node = node.clone();
+        std::thread::spawn(move || node.mirror.connect_once(&node.log))
+    };
+    arrived
+        .recv_timeout(Duration::from_secs(10))
+        .expect("the resync's first write");
+    assert_eq!(node.link(), Link::Resyncing);
+    // Under the order lock, as a write appended after the copy would be:
+    // the copy is placed, then the session fails.
+    node.log.with_order_lock(|| {
+        go_on.send(()).expect("the resync waits");
+        wait_for("the copy to be placed", Duration::from_secs(10), || {
+            node.mirror
+                .resync_progress()
+                .is_some_and(|p| p.total_bytes > 0 && p.placed_bytes == p.total_bytes)
+        });
+        completions
+            .lock()
+            .as_ref()
+            .expect("attached")
+            .failed(interconnect::Error::InvalidConfig {
+                reason: "the test failed this session by hand".into(),
+            });
+    });
+    let outcome = resync.join().expect("resync thread");
+    let mailbox = node.mailbox.current();
+    assert!(
+        !mailbox.mirror_in_sync,
+        "declared in sync on a failed session (connect_once: {outcome:?})"
+    );
+    assert_eq!(outcome, Some(false));
+    node.stop();
+    partner.shutdown().expect("node 2 stops");
 }

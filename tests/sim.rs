@@ -76,6 +76,29 @@ fn the_ci_seeds_find_no_violation() {
     assert!(totals.stalls > 0 && totals.partitions > 0 && totals.disk_faults > 0);
 }
 
+/// Seeds that once lost an acknowledged write, with the steps they took.
+const REGRESSIONS: &[(u64, u64, &str)] = &[(
+    6344674118206575853,
+    6000,
+    "a giveback to a node that had crashed, then a second takeover before it \
+     came back, replayed the mirror of its log that the first takeover had \
+     replayed already: an older block over a newer one",
+)];
+
+#[test]
+fn seeds_that_once_failed_pass() {
+    for &(seed, steps, what) in REGRESSIONS {
+        let options = SimOptions {
+            seed,
+            steps,
+            bug: None,
+        };
+        if let Err(failure) = sim::run(&options) {
+            panic!("regression seed {seed} ({what}) fails again:\n{failure}");
+        }
+    }
+}
+
 #[test]
 fn a_seed_replays_exactly() {
     for (seed, bug) in [

@@ -87,6 +87,12 @@ pub enum Error {
         expected: &'static str,
     },
 
+    #[error(
+        "writers still hold {reserved_bytes} bytes of log space: the log is not discarded under \
+         them (fence them first, then try again)"
+    )]
+    ReservationsOutstanding { reserved_bytes: u64 },
+
     #[error("LSN {lsn} has not been appended yet (the last appended LSN is {last_lsn})")]
     LsnNotAppended { lsn: u64, last_lsn: u64 },
 }

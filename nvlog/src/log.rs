@@ -426,10 +426,27 @@ impl Log {
     /// order. `then` must not block.
     pub fn append_then<R>(
         &self,
-        mut reservation: Reservation<'_>,
+        reservation: Reservation<'_>,
         data: &RecordData<'_>,
         then: impl FnOnce(&Appended) -> R,
     ) -> Result<R> {
+        let appended = self.append_admitted(reservation, data, || true, then)?;
+        Ok(appended.expect("admitted"))
+    }
+
+    /// Like [`Log::append_then`], but `admit` decides first, under the
+    /// order lock, whether the record may still go in (its writer may have
+    /// lost the right to write while it waited for space, and whatever
+    /// revokes that right synchronizes with appends through this lock).
+    /// `Ok(None)`, with the reservation returned, when it may not. `admit`
+    /// must be short and must not call back into the log.
+    pub fn append_admitted<R>(
+        &self,
+        mut reservation: Reservation<'_>,
+        data: &RecordData<'_>,
+        admit: impl FnOnce() -> bool,
+        then: impl FnOnce(&Appended) -> R,
+    ) -> Result<Option<R>> {
         assert!(
             std::ptr::eq(reservation.log, self),
             "reservation from another log"
@@ -448,6 +465,11 @@ impl Log {
         state.reserved_bytes -= len_bytes;
         reservation.consumed = true;
         drop(reservation);
+        if !admit() {
+            drop(state);
+            self.space_freed.notify_all();
+            return Ok(None);
+        }
 
         let half_len = self.geometry.half_len();
         let mut closed_half = None;
@@ -500,7 +522,7 @@ impl Log {
             header_range,
             closed_half,
         };
-        Ok(then(&appended))
+        Ok(Some(then(&appended)))
     }
 
     /// Run `f` while holding the log's order lock: no record is appended
@@ -591,11 +613,17 @@ impl Log {
     /// Forget every record: the volumes received them another way (the
     /// partner replayed this node's mirror at a takeover, and now hands the
     /// volumes back). Frees every live half, marks everything flushed, opens
-    /// a fresh half in a new generation, and persists the header. No writer
-    /// may be active.
+    /// a fresh half in a new generation, and persists the header.
+    /// [`Error::ReservationsOutstanding`] while a writer holds space: the
+    /// caller fences the writers (so that [`Log::append_admitted`] turns
+    /// them away) and tries again.
     pub fn discard_all(&self) -> Result<HeaderUpdate> {
         let mut state = self.state.lock();
-        assert_eq!(state.reserved_bytes, 0, "discard_all with writers active");
+        if state.reserved_bytes > 0 {
+            return Err(Error::ReservationsOutstanding {
+                reserved_bytes: state.reserved_bytes,
+            });
+        }
         state.flushed_lsn = state.next_lsn - 1;
         state.halves = [Half::FREE; 2];
         state.max_generation += 1;

@@ -371,6 +371,47 @@ fn discard_all_forgets_every_record_across_a_restart() {
     assert_eq!(scan_all(&log.live_image()).0.len(), 1);
 }
 
+/// A writer that lost the right to write while it waited for space is
+/// turned away under the order lock: nothing is appended, the space goes
+/// back, and the log's accounting stays whole.
+#[test]
+fn an_append_not_admitted_appends_nothing_and_returns_its_space() {
+    let (_region, log) = memory_log(HALF);
+    append_write(&log, 1, 0, b"before");
+    let data = RecordData::write(1, 512, b"from a writer fenced while it waited");
+    let reservation = log.reserve(data.payload.len()).expect("space");
+    assert!(log.status().reserved_bytes > 0);
+    let appended = log
+        .append_admitted(reservation, &data, || false, |appended| appended.lsn)
+        .expect("no error");
+    assert_eq!(appended, None);
+    assert_eq!(log.status().reserved_bytes, 0);
+    assert_eq!(log.last_lsn(), 1);
+    assert_eq!(scan_all(&log.live_image()).0.len(), 1);
+    assert_eq!(
+        append_write(&log, 1, 0, b"after").lsn,
+        2,
+        "LSNs have no gap"
+    );
+}
+
+/// Discarding the log under a writer that holds space would let its record
+/// land in the fresh log: refused with an error the caller retries on.
+#[test]
+fn discard_all_refuses_while_a_writer_holds_space() {
+    let (_region, log) = memory_log(HALF);
+    append_write(&log, 1, 0, b"replayed by the partner");
+    let reservation = log.reserve(100).expect("space");
+    match log.discard_all() {
+        Err(Error::ReservationsOutstanding { reserved_bytes }) => assert!(reserved_bytes > 0),
+        other => panic!("discard_all under a reservation: {other:?}"),
+    }
+    assert_eq!(scan_all(&log.live_image()).0.len(), 1, "nothing discarded");
+    drop(reservation);
+    log.discard_all().expect("discard once the writer is gone");
+    assert_eq!(scan_all(&log.live_image()).0.len(), 0);
+}
+
 /// A resync copies only the live ranges, over a partner mirror that may
 /// hold a longer history of the same half: records the local log lost in
 /// a crash, at the offsets the log reuses. What lies beyond the tail in the

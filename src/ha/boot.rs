@@ -71,8 +71,16 @@ impl HaNode {
         fence.check()?;
         let volumes = self.open_volume_set(me, specs, &fence)?;
         if discard_log {
-            self.wait_for_writers()?;
-            self.node.log.discard_all()?;
+            // Writes to the volumes as they were before the takeover may
+            // still wait for log space: none may append to the fresh log.
+            for old in self.node.volumes().iter().filter(|volume| volume.set == me) {
+                old.fence.trip();
+            }
+            self.node.mirror.declare_out_of_sync(
+                "this node discarded its log when its volumes came back; the partner's mirror \
+                 holds the old one, already replayed, until a resync copies the new one",
+            )?;
+            self.discard_log_once_writers_are_gone()?;
             ownership::log_discarded(&self.node.config.aggregate_dir, own)?;
         }
         self.node.detach_set(me);

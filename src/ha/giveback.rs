@@ -12,6 +12,7 @@ use crate::ha::index::TakeoverIndex;
 use crate::ha::HaNode;
 use crate::storage::mailbox;
 use crate::storage::ownership;
+use crate::storage::volume::Volume;
 
 impl HaNode {
     /// Hand the partner's volumes back (see the module docs).
@@ -34,13 +35,15 @@ impl HaNode {
         }
         let holding = self.state.lock().holding.clone();
         let Some(holding) = holding else {
-            // A takeover that stopped after fencing: the partner's log is its own.
+            // A takeover that stopped after fencing: the partner's log is its
+            // own (or still one an earlier giveback had replayed: it stays
+            // to discard).
             let back = ownership::change_hands(
                 aggregate,
                 &theirs,
                 partner,
                 false,
-                false,
+                theirs.log_replayed,
                 "giveback of a stopped takeover",
             )?;
             self.state.lock().aborted_takeover = None;
@@ -61,7 +64,23 @@ impl HaNode {
         for volume in &holding.volumes {
             *volume.write_gate.write() = false;
         }
-        self.node.consistency_point_all()?;
+        // The partner reads only the volume files: nothing of its volumes
+        // may stay in this node's log. With the gates closed no record for
+        // them is added; two rounds flush the closed half, then the filling
+        // one, unless other writes' reservations keep it from closing.
+        for _ in 0..2 {
+            self.node.consistency_point_all()?;
+            if unflushed_bytes(&holding.volumes) == 0 {
+                break;
+            }
+        }
+        let bytes = unflushed_bytes(&holding.volumes);
+        if bytes > 0 {
+            for volume in &holding.volumes {
+                *volume.write_gate.write() = true;
+            }
+            return Err(Refusal::LogNotFlushed { partner, bytes }.into());
+        }
         for volume in &holding.volumes {
             volume.sync()?;
         }
@@ -97,4 +116,12 @@ impl HaNode {
             back.epoch
         ))
     }
+}
+
+/// Bytes of `volumes` whose newest data is still only in a log.
+fn unflushed_bytes(volumes: &[Arc<Volume>]) -> u64 {
+    volumes
+        .iter()
+        .map(|volume| volume.extents.lock().covered_bytes())
+        .sum()
 }

@@ -300,22 +300,25 @@ impl HaNode {
             .collect()
     }
 
-    /// Wait (bounded) until no write holds log space it has not appended:
-    /// the log is discarded only then.
-    fn wait_for_writers(&self) -> Result<()> {
+    /// Discard the log once no write holds log space it has not appended
+    /// (bounded). The writers' volumes are fenced first, so that a writer
+    /// that gets space after the discard is turned away at its append.
+    fn discard_log_once_writers_are_gone(&self) -> Result<()> {
         let deadline = Instant::now() + WRITERS_WAIT;
         loop {
-            let reserved_bytes = self.node.log.status().reserved_bytes;
-            if reserved_bytes == 0 {
-                return Ok(());
+            match self.node.log.discard_all() {
+                Ok(_) => return Ok(()),
+                Err(nvlog::Error::ReservationsOutstanding { reserved_bytes }) => {
+                    if Instant::now() >= deadline {
+                        return Err(Error::WritersStuck {
+                            reserved_bytes,
+                            waited: WRITERS_WAIT,
+                        });
+                    }
+                    std::thread::sleep(Duration::from_millis(1));
+                }
+                Err(error) => return Err(error.into()),
             }
-            if Instant::now() >= deadline {
-                return Err(Error::WritersStuck {
-                    reserved_bytes,
-                    waited: WRITERS_WAIT,
-                });
-            }
-            std::thread::sleep(Duration::from_millis(1));
         }
     }
 

@@ -85,6 +85,11 @@ impl HaNode {
                 return Err(Refusal::MirrorNotTrusted { why }.into());
             }
         }
+        // Set by the last giveback and cleared when the partner discards its
+        // log: until then, its log (and our mirror of it) holds only records
+        // the volume files have, and newer blocks over them. Replaying it
+        // again would put older blocks over newer ones; it stays to discard.
+        let log_replayed = theirs.log_replayed;
         // 1. Fence.
         let ours = if theirs.owner == me {
             theirs
@@ -94,7 +99,7 @@ impl HaNode {
                 &theirs,
                 me,
                 force && !partner_mailbox.mirror_in_sync,
-                false,
+                log_replayed,
                 reason,
             )?
         } else {
@@ -135,12 +140,19 @@ impl HaNode {
             }
             // 4. The index: every record's extent, in LSN order, newest winning.
             let (volumes, partner_mailbox) = self.open_partner_volumes(&ours)?;
-            let records = index_records(
-                scanner,
-                &volumes,
-                self.node.region.mirror().offset,
-                Origin::Mirror,
-            );
+            let records = if log_replayed {
+                tracing::warn!(
+                    "the mirror holds the log the last giveback replayed already: nothing to replay"
+                );
+                0
+            } else {
+                index_records(
+                    scanner,
+                    &volumes,
+                    self.node.region.mirror().offset,
+                    Origin::Mirror,
+                )
+            };
             self.save_index(partner, ours.epoch, &volumes)?;
             Ok((volumes, partner_mailbox, records))
         })();

@@ -356,6 +356,25 @@ impl Mirror {
         {
             return Ok(());
         }
+        self.record_out_of_sync(reason)
+    }
+
+    /// The log is about to change without its mirror (it is discarded when
+    /// the volumes come back from the partner): the mailbox durably says
+    /// "out of sync" first, and only a resync of the new log clears it.
+    /// Else a takeover would trust, and replay, records the volume files
+    /// have since overtaken.
+    pub fn declare_out_of_sync(&self, reason: &str) -> Result<()> {
+        assert!(
+            !self.enabled.load(Ordering::Acquire) && self.link() == Link::Down,
+            "the log changes without its mirror only while mirroring is off"
+        );
+        let _mark = self.mark_lock.lock();
+        self.record_out_of_sync(reason)
+    }
+
+    /// Under `mark_lock`: the mailbox durably says "out of sync".
+    fn record_out_of_sync(&self, reason: &str) -> Result<()> {
         self.mailbox.update(|state| {
             state.mirror_in_sync = false;
             state.in_sync_with_boot = None;
@@ -573,6 +592,7 @@ impl Mirror {
         start: u64,
         partner_boot: Option<u64>,
     ) -> Result<bool> {
+        let session = queue.session();
         let chunk = u64::from(queue.limits().max_write_len_bytes).min(RESYNC_WRITE_BYTES_MAX);
         let mut copied = 0;
         for range in ranges {
@@ -593,7 +613,13 @@ impl Mirror {
         }
         wait_placed_with_progress(queue, queue.posted())?;
         log.with_order_lock(|| -> Result<bool> {
-            if self.link() != Link::Resyncing {
+            // The link turns Down only when the failure's event is handled:
+            // the queue itself says whether this session still stands. A
+            // write posted to it after the wait above, whose post then failed,
+            // may have marked the mirror out of sync and been acknowledged
+            // after local persistence; declaring over its mark would lose it.
+            let session_stands = queue.failure().is_none() && queue.session() == session;
+            if self.link() != Link::Resyncing || !session_stands {
                 return Ok(false);
             }
             let _mark = self.mark_lock.lock();

@@ -39,12 +39,23 @@ use crate::sys::area_memory;
 pub use write::WhenFull;
 
 /// What a node runs on: where time comes from, where volume data lives,
-/// how the partner is reached.
+/// how the partner is reached, and which start this is.
 #[derive(Debug, Clone)]
 pub struct Environment {
     pub clock: SharedClock,
     pub disks: Arc<dyn Disks>,
     pub interconnect: Arc<dyn Interconnect>,
+    /// This start's identity, published in the mailbox: the partner names
+    /// it when it declares its mirror in sync, and a takeover trusts only a
+    /// mirror in sync with the survivor's current start. It must never
+    /// repeat an earlier start's, even when the mailbox that recorded that
+    /// one is lost: [`random_boot_id`], not a counter.
+    pub boot: u64,
+}
+
+/// A boot identity no earlier start has had (64 random bits).
+pub fn random_boot_id() -> u64 {
+    rand::random::<u64>().max(1)
 }
 
 /// What the node asks of the layer that decides who serves what (HA), at
@@ -163,10 +174,12 @@ impl Node {
     ) -> Result<(Arc<Node>, EventReceiver<ControlEvent>)> {
         let (log, _recovery) = Log::open(region.clone())?;
         let (events_tx, events_rx) = crossbeam_channel::unbounded();
-        let boot = crate::storage::mailbox::read(&config.aggregate_dir, config.node_id)
-            .ok()
-            .flatten()
-            .map_or(1, |previous| previous.boot + 1);
+        let boot = environment.boot;
+        if let Ok(Some(previous)) =
+            crate::storage::mailbox::read(&config.aggregate_dir, config.node_id)
+        {
+            assert_ne!(previous.boot, boot, "a boot identity is never reused");
+        }
         let mailbox = Arc::new(Mailbox::new(
             &config.aggregate_dir,
             MailboxState {

@@ -6,7 +6,8 @@
 //! 2. `Node::modify_phase`, under the log's order lock (never blocks):
 //!    LSN and position, record into the local log, the volume's dirty map,
 //!    the mirror post. Doing all of it under one lock keeps the partner's
-//!    mirror a prefix of the log and the dirty map in LSN order.
+//!    mirror a prefix of the log and the dirty map in LSN order. A write
+//!    whose volume was fenced while it waited is turned away here.
 //! 3. `Node::wait_phase`: placed in the partner's mirror while the link
 //!    is in sync (group completion), else "out of sync" in the mailbox and
 //!    local persistence (group commit). `durability = "persist"`, FUA and
@@ -15,7 +16,7 @@
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use interconnect::Reservation as SlotReservation;
 use nvlog::{RecordData, Reservation as LogReservation};
@@ -25,6 +26,9 @@ use crate::error::{Error, Result};
 use crate::node::recovery::source_of;
 use crate::node::{Node, PendingWrite};
 use crate::storage::volume::Volume;
+
+/// How often a writer waiting for log space looks at its volume's fence.
+const FENCE_RECHECK_WHILE_WAITING: Duration = Duration::from_millis(50);
 
 /// What the suspendable phase does when the log or the send queue is full.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -137,7 +141,7 @@ impl Node {
                 name: volume.name.clone(),
             });
         }
-        let reserved = self.suspendable_phase(data.payload.len(), when_full)?;
+        let reserved = self.suspendable_phase(volume, data.payload.len(), when_full)?;
         let (pending, closed_half) = self.modify_phase(volume, &data, reserved)?;
         drop(gate);
         if closed_half || self.over_threshold() {
@@ -147,10 +151,38 @@ impl Node {
     }
 
     /// Phase 1: log space, then send-queue slots. The only phase that may
-    /// wait, and it holds no lock while it does.
-    fn suspendable_phase(&self, payload_len: usize, when_full: WhenFull) -> Result<Reserved<'_>> {
+    /// wait, and it holds no lock while it does. A writer waiting for log
+    /// space (consistency points stop once the volume is fenced) looks at
+    /// the fence again every [`FENCE_RECHECK_WHILE_WAITING`], and once more
+    /// when it gets the space: the volume may have changed hands meanwhile.
+    fn suspendable_phase(
+        &self,
+        volume: &Volume,
+        payload_len: usize,
+        when_full: WhenFull,
+    ) -> Result<Reserved<'_>> {
         let log = match when_full {
-            WhenFull::Wait => self.log.reserve(payload_len)?,
+            WhenFull::Wait => {
+                let mut waited = false;
+                let reservation = loop {
+                    match self
+                        .log
+                        .reserve_timeout(payload_len, FENCE_RECHECK_WHILE_WAITING)
+                    {
+                        Ok(reservation) => break reservation,
+                        Err(nvlog::Error::ReserveTimeout { .. }) => {
+                            waited = true;
+                            self.check_not_failed()?;
+                            volume.fence.check()?;
+                        }
+                        Err(error) => return Err(error.into()),
+                    }
+                };
+                if waited {
+                    volume.fence.check()?;
+                }
+                reservation
+            }
             WhenFull::Refuse => self.log.try_reserve(payload_len)?,
         };
         let slots = self
@@ -173,28 +205,40 @@ impl Node {
             slots: mut slot_reservation,
         } = reserved;
         let local_log = self.region.local_log().offset;
-        let (pending, closed) = self.log.append_then(log_reservation, data, |appended| {
-            let payload_at =
-                local_log + appended.range.start + nvlog::record::RECORD_HEADER_BYTES as u64;
-            volume.extents.lock().insert(
-                data.offset,
-                data.extent_len,
-                appended.lsn,
-                source_of(data.kind, payload_at),
-            );
-            let posted = self.mirror.post(
-                slot_reservation.as_mut(),
-                appended.header_range.clone(),
-                appended.range.clone(),
-            );
-            let pending = PendingWrite {
-                lsn: appended.lsn,
-                posted,
-                resyncs_at_append: self.mirror.resyncs_started(),
-            };
-            (pending, appended.closed_half.is_some())
-        })?;
-        Ok((pending, closed))
+        // A fence tripped by a giveback's return or a takeover synchronizes
+        // with appends through the order lock: a writer that waited across
+        // it is turned away here, never appended to a discarded log.
+        let admit = || !volume.fence.is_tripped();
+        let appended = self
+            .log
+            .append_admitted(log_reservation, data, admit, |appended| {
+                let payload_at =
+                    local_log + appended.range.start + nvlog::record::RECORD_HEADER_BYTES as u64;
+                volume.extents.lock().insert(
+                    data.offset,
+                    data.extent_len,
+                    appended.lsn,
+                    source_of(data.kind, payload_at),
+                );
+                let posted = self.mirror.post(
+                    slot_reservation.as_mut(),
+                    appended.header_range.clone(),
+                    appended.range.clone(),
+                );
+                let pending = PendingWrite {
+                    lsn: appended.lsn,
+                    posted,
+                    resyncs_at_append: self.mirror.resyncs_started(),
+                };
+                (pending, appended.closed_half.is_some())
+            })?;
+        match appended {
+            Some((pending, closed)) => Ok((pending, closed)),
+            None => Err(volume
+                .fence
+                .check()
+                .expect_err("turned away by a tripped fence")),
+        }
     }
 
     /// Phase 3: acknowledge only once the record is safe in two failure

@@ -280,6 +280,13 @@ impl World {
             clock: self.clock.clone(),
             disks: self.shelf.clone(),
             interconnect: self.net.clone(),
+            // From the seed, and apart from the stream the steps draw from,
+            // so that the boot identity does not change what a seed does.
+            boot: SplitMix64::new(
+                self.options.seed ^ (u64::from(node.id) << 32) ^ node.incarnation,
+            )
+            .next_u64()
+            .max(1),
         };
         let options = HaOptions {
             replay: ReplayDriver::Caller,
