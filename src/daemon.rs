@@ -21,7 +21,7 @@ use crate::error::{Error, Result};
 use crate::ha::status::Status;
 use crate::ha::{HaNode, HaOptions, PartnerService, ReplayDriver, Role};
 use crate::mirror::transport::NetworkInterconnect;
-use crate::node::{random_boot_id, spawn, Environment, Node};
+use crate::node::{random_boot_id, read_host_boot, spawn, Environment, Node};
 use crate::storage::disk::FileDisks;
 use crate::storage::volume::Volume;
 use nbd::{Errno, Export, ExportError, Exports, NbdServer, ServerConfig};
@@ -62,6 +62,7 @@ impl RunningNode {
             disks: Arc::new(FileDisks),
             interconnect: Arc::new(NetworkInterconnect::from_config(&config)?),
             boot: random_boot_id(),
+            host_boot: read_host_boot(),
         };
         let (node, events) = Node::open(config, region, environment)?;
         let ha = HaNode::start(
@@ -114,7 +115,10 @@ impl RunningNode {
     pub fn shutdown(&self) -> Result<()> {
         let result = self.ha.final_consistency_point();
         self.join_threads();
-        result
+        // Nothing writes any more: what is left in the log (writes after the
+        // final consistency point) is persisted, and the next start may
+        // trust the log.
+        result.and_then(|()| self.ha.record_clean_stop())
     }
 
     /// The node's loops and the monitor end first, so that no takeover
@@ -319,6 +323,10 @@ impl AdminHandler for NodeAdmin {
 
     fn giveback(&self) -> Result<String, AdminRefusal> {
         self.ha.giveback().map_err(refusal)
+    }
+
+    fn recover_forced(&self) -> Result<String, AdminRefusal> {
+        self.ha.recover_forced().map_err(refusal)
     }
 
     fn fault(&self, name: &str, duration_ms: u64) -> Result<String, AdminRefusal> {

@@ -187,6 +187,12 @@ pub enum Refusal {
     #[error("node {partner}'s volumes are not held here (owner: node {owner})")]
     NotHeld { partner: u32, owner: u32 },
 
+    #[error(
+        "this node is {role}: a forced recovery is only for a node handing over its volumes \
+         after an unclean stop"
+    )]
+    NotHandingOver { role: &'static str },
+
     /// A giveback whose consistency points left records for the partner's
     /// volumes in this node's log (writes to this node's own volumes held
     /// the space the filling half needed to close).

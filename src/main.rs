@@ -97,6 +97,16 @@ enum Command {
         #[command(flatten)]
         target: AdminTarget,
     },
+    /// A node handing over after an unclean stop whose partner cannot take
+    /// over (it is down, or restarted too): recover from its own log.
+    Recover {
+        #[command(flatten)]
+        target: AdminTarget,
+        /// Required: writes the node acknowledged that its log lacks (only
+        /// the partner's mirror had them) are lost.
+        #[arg(long)]
+        force: bool,
+    },
     /// Inspect a node's NVLog.
     Nvlog {
         #[command(subcommand)]
@@ -310,6 +320,16 @@ fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
             )?;
         }
         Command::Giveback { target } => admin_action(&target, "giveback", "/giveback")?,
+        Command::Recover { target, force } => {
+            if !force {
+                return Err(
+                    "recover needs --force: the node's own log may lack writes it \
+                            acknowledged, and those are lost"
+                        .into(),
+                );
+            }
+            admin_action(&target, "recover", "/recover?force=true")?;
+        }
         Command::Nvlog {
             command: NvlogCommand::Dump { file, area, limit },
         } => {

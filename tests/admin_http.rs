@@ -53,6 +53,11 @@ impl AdminHandler for TestHandler {
         }
     }
 
+    fn recover_forced(&self) -> Result<String, AdminRefusal> {
+        self.calls.lock().push("recover --force".to_owned());
+        Ok("recovered".to_owned())
+    }
+
     fn giveback(&self) -> Result<String, AdminRefusal> {
         self.calls.lock().push("giveback".to_owned());
         Err(AdminRefusal {

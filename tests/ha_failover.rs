@@ -237,8 +237,11 @@ fn an_out_of_sync_mirror_is_refused_then_forced() {
     let nbd1 = pair.node(1).nbd;
     let mut mirrored = ledger("vol0", 0, 512);
     write_some(nbd1, &mut mirrored, 1, 50);
-    // Node 2 goes away; node 1 acknowledges writes its mirror lacks.
-    pair.node(2).kill9();
+    // Node 2 goes away (cleanly: after a crash it would not trust its own
+    // log while its mirror was in sync, and wait for node 1, see
+    // `an_owner_that_lost_power_before_a_takeover_gets_its_writes_back`);
+    // node 1 acknowledges writes its mirror lacks.
+    pair.node(2).stop(START).expect("node 2 stops");
     let mut unmirrored = ledger("vol0", 512, 512);
     write_some(nbd1, &mut unmirrored, 2, 20);
     assert!(!pair.in_sync(1));
@@ -472,4 +475,73 @@ fn automatic_giveback_after_the_configured_delay() {
     });
     assert!(!holding(&mut pair, 2));
     verify(nbd1, &data);
+}
+
+/// The power loss before any takeover: node 1 acknowledges writes
+/// with `durability = "mirror"` (in its memory and placed in node 2's
+/// mirror, not persisted), loses power (its NVRAM file goes back to what it
+/// held before the writes, as when no page was written back) and restarts
+/// before node 2 takes over (automatic takeover is off). Its own log lacks
+/// acknowledged writes, the partner's mirror has them: it must not serve
+/// from its log, nor resync that log over the mirror. It gets them back
+/// through the mirror (node 2 takes over at its request, replays, gives
+/// back), then serves every acknowledged write.
+#[test]
+fn an_owner_that_lost_power_before_a_takeover_gets_its_writes_back() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut pair = pair(
+        dir.path(),
+        "[consistency_point]\ninterval_ms = 600000\nthreshold_percent = 90\n",
+        "auto_takeover = false\n",
+    );
+    let nbd1 = pair.node(1).nbd;
+    let nvram = pair.nvram(1);
+    let before_the_writes = std::fs::read(&nvram).expect("node 1's NVRAM");
+    let mut acked = ledger("vol0", 0, 512);
+    write_some(nbd1, &mut acked, 1, 150);
+
+    pair.node(1).kill9();
+    std::fs::write(&nvram, &before_the_writes).expect("the NVRAM as a power loss leaves it");
+    pair.node(1).start(START).expect("node 1 restarts");
+    wait_for(
+        "node 1 to serve its volumes again",
+        Duration::from_secs(60),
+        || state(&mut pair, 1) == Some(Role::Serving) && !holding(&mut pair, 2),
+    );
+    verify(nbd1, &acked);
+    let log = pair.node(1).log();
+    assert!(
+        log.contains("unclean"),
+        "node 1 says why it did not recover from its own log:\n{log}"
+    );
+}
+
+/// The same unclean restart while the partner is down too: nothing can take
+/// over from its mirror. The machine did not restart (the process was
+/// killed), so the NVRAM kept every write: once the failure detector says
+/// the partner is down, the node recovers from its own log by itself.
+/// (After a machine restart it would wait for the partner or the operator:
+/// `node_inprocess` `a_node_handing_over_after_a_machine_restart_waits_until_forced`.)
+#[test]
+fn an_unclean_restart_with_the_partner_down_recovers_from_the_nvram_it_kept() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut pair = pair(dir.path(), "", "auto_takeover = false\n");
+    let nbd1 = pair.node(1).nbd;
+    let mut acked = ledger("vol0", 0, 256);
+    write_some(nbd1, &mut acked, 1, 50);
+    pair.node(2).kill9();
+    pair.node(1).kill9();
+
+    pair.node(1).start(START).expect("node 1 restarts");
+    let (code, body) = pair.node(1).admin_post("/recover").expect("recover");
+    assert_eq!(code, 400, "recover without force: {body}");
+    wait_for("node 1 to serve again", Duration::from_secs(30), || {
+        state(&mut pair, 1) == Some(Role::Serving)
+    });
+    verify(nbd1, &acked);
+    let log = pair.node(1).log();
+    assert!(
+        log.contains("asking the partner to take over") && log.contains("NVRAM kept every write"),
+        "node 1 says what it did:\n{log}"
+    );
 }

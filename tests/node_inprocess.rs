@@ -18,7 +18,7 @@ use nvmirror::daemon::RunningNode;
 use nvmirror::ha::{HaNode, HaOptions, ReplayDriver};
 use nvmirror::mirror::transport::{Interconnect, MirrorListener, NetworkInterconnect};
 use nvmirror::mirror::Link;
-use nvmirror::node::{random_boot_id, Environment, Node};
+use nvmirror::node::{random_boot_id, read_host_boot, Environment, Node};
 use nvmirror::storage::disk::FileDisks;
 use nvmirror::testing::harness::same_log;
 use parking_lot::Mutex;
@@ -303,6 +303,7 @@ fn in_sync_names_the_boot_of_the_partner_that_accepted_the_session() {
             before_dial: Mutex::new(Some(before_dial)),
         }),
         boot: random_boot_id(),
+        host_boot: read_host_boot(),
     };
     std::fs::create_dir_all(&config1.data_dir).expect("data dir");
     let region = Arc::new(
@@ -494,6 +495,7 @@ fn a_write_waiting_for_log_space_fails_when_its_volume_is_fenced() {
         disks: Arc::new(FileDisks),
         interconnect: Arc::new(NetworkInterconnect::from_config(&config).expect("interconnect")),
         boot: random_boot_id(),
+        host_boot: read_host_boot(),
     };
     std::fs::create_dir_all(&config.data_dir).expect("data dir");
     let region = Arc::new(
@@ -724,6 +726,7 @@ fn a_resync_does_not_declare_a_failed_session_in_sync() {
             }))),
         }),
         boot: random_boot_id(),
+        host_boot: read_host_boot(),
     };
     std::fs::create_dir_all(&config1.data_dir).expect("data dir");
     let region = Arc::new(
@@ -779,4 +782,82 @@ fn a_resync_does_not_declare_a_failed_session_in_sync() {
     assert_eq!(outcome, Some(false));
     node.stop();
     partner.shutdown().expect("node 2 stops");
+}
+
+/// After an unclean stop with its mirror in sync, a node whose machine has
+/// restarted since (a power loss may have taken what was not persisted)
+/// and whose partner cannot take over serves nothing and says why, until
+/// the operator forces it to recover from its own log.
+#[test]
+fn a_node_handing_over_after_a_machine_restart_waits_until_forced() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let ports = Ports {
+        ic: [free_port(), free_port()],
+        nbd: [free_port(), free_port()],
+    };
+    let quick = "[ha]\nauto_takeover = false\nmailbox_interval_ms = 50\nmailbox_timeout_ms = 300\n";
+    let config1 = config_with(dir.path(), 1, &ports, quick);
+    let a = RunningNode::start(config1.clone()).expect("node 1");
+    let b = RunningNode::start(config(dir.path(), 2, &ports)).expect("node 2");
+    wait_for("node 1 in sync", Duration::from_secs(10), || {
+        a.node().link() == Link::InSync
+    });
+    let vol0 = a.node().volumes()[0].clone();
+    a.node()
+        .write(&vol0, 0, &pattern(3, 4096), false)
+        .expect("a mirrored write");
+    // Both stop without the clean-stop record: node 2 first, so node 1's
+    // mailbox still says its mirror was in sync.
+    drop(b);
+    drop(a);
+
+    let environment = Environment {
+        clock: Arc::new(SystemClock),
+        disks: Arc::new(FileDisks),
+        interconnect: Arc::new(NetworkInterconnect::from_config(&config1).expect("interconnect")),
+        boot: random_boot_id(),
+        host_boot: "a later boot of this machine".to_owned(),
+    };
+    let region = Arc::new(
+        Region::open(
+            &config1.nvram_path(),
+            1,
+            Geometry::new(config1.nvram.half_size.0).expect("geometry"),
+        )
+        .expect("nvram"),
+    );
+    let (node, _events) = Node::open(config1, region, environment).expect("node 1 again");
+    let ha = HaNode::start(
+        node.clone(),
+        HaOptions {
+            replay: ReplayDriver::Caller,
+            partner_service: None,
+        },
+    )
+    .expect("HA of node 1");
+    assert_eq!(ha.role(), nvmirror::ha::Role::HandingOver);
+    assert!(node.mailbox.current().asks_takeover);
+    assert!(
+        node.volumes().is_empty(),
+        "a node handing over serves nothing"
+    );
+    // Past the failure detector's timeouts: node 2 is down.
+    ha.monitor_tick().expect("monitor");
+    std::thread::sleep(Duration::from_millis(1200));
+    ha.monitor_tick().expect("monitor");
+    assert_eq!(ha.role(), nvmirror::ha::Role::HandingOver);
+    let why = ha.status().handing_over_because.expect("says why");
+    assert!(why.contains("this machine restarted"), "{why}");
+
+    let message = ha.recover_forced().expect("forced recovery");
+    assert!(message.contains("lost"), "{message}");
+    assert_eq!(ha.role(), nvmirror::ha::Role::Serving);
+    assert!(!node.mailbox.current().asks_takeover);
+    let vol0 = node.volumes()[0].clone();
+    let mut read = vec![0u8; 4096];
+    node.read(&vol0, 0, &mut read).expect("read");
+    assert!(read == pattern(3, 4096), "its own log had the write");
+    let refused = ha.recover_forced().expect_err("only while handing over");
+    assert!(refused.to_string().contains("serving"), "{refused}");
+    node.stop();
 }

@@ -77,13 +77,23 @@ fn the_ci_seeds_find_no_violation() {
 }
 
 /// Seeds that once lost an acknowledged write, with the steps they took.
-const REGRESSIONS: &[(u64, u64, &str)] = &[(
-    6344674118206575853,
-    6000,
-    "a giveback to a node that had crashed, then a second takeover before it \
+const REGRESSIONS: &[(u64, u64, &str)] = &[
+    (
+        6344674118206575853,
+        6000,
+        "a giveback to a node that had crashed, then a second takeover before it \
      came back, replayed the mirror of its log that the first takeover had \
      replayed already: an older block over a newer one",
-)];
+    ),
+    (
+        10561609915591390393,
+        6000,
+        "after a power loss the log reused the offsets and LSNs of records it \
+     had lost but the partner's mirror held; once it grew past the resync's \
+     guard, a takeover replayed a lost, unacknowledged write over an \
+     acknowledged one",
+    ),
+];
 
 #[test]
 fn seeds_that_once_failed_pass() {

@@ -843,9 +843,30 @@ impl Log {
     /// lock: every record appended before `f` ran lies inside the ranges,
     /// every later one is appended after `f` (a resync switches sessions
     /// in `f`). `f` must be short and must not call back into the log.
-    pub fn live_ranges_with<R>(&self, f: impl FnOnce() -> R) -> (Vec<Range<u64>>, R) {
+    ///
+    /// With `whole_filling_half`, the filling half goes to its end. The
+    /// first resync after a recovery needs that: the partner's mirror may
+    /// hold, past the recovered tail, records that were placed there before
+    /// a crash and lost here. New records reuse their offsets and their
+    /// LSNs, in the same generation; once the log grows past the guard, the
+    /// mirror's scan would go on into them. Recovery zeroed that tail here,
+    /// and the copy zeroes it there.
+    pub fn live_ranges_with<R>(
+        &self,
+        whole_filling_half: bool,
+        f: impl FnOnce() -> R,
+    ) -> (Vec<Range<u64>>, R) {
         let state = self.state.lock();
-        let ranges = self.live_ranges_locked(&state);
+        let mut ranges = self.live_ranges_locked(&state);
+        if whole_filling_half {
+            let start = self.geometry.half_offset(state.filling);
+            let end = start + self.geometry.half_len();
+            for range in &mut ranges {
+                if range.start == start {
+                    range.end = end;
+                }
+            }
+        }
         (ranges, f())
     }
 

@@ -412,6 +412,62 @@ fn discard_all_refuses_while_a_writer_holds_space() {
     assert_eq!(scan_all(&log.live_image()).0.len(), 0);
 }
 
+/// After a crash that lost records the partner's mirror holds, the log
+/// reuses their offsets and LSNs. A resync that copies the live ranges and
+/// a guard is right at first, but once the log grows past the guard the
+/// mirror's scan goes on into the lost records (found by the simulation:
+/// a takeover replayed an unacknowledged write over an acknowledged one).
+/// The first resync after a recovery copies the filling half to its end.
+#[test]
+fn the_first_resync_after_a_recovery_clears_lost_records_from_the_mirror() {
+    let (region, log) = memory_log(HALF);
+    let record = |i: u64| payload(i, 1000);
+    for i in 0..10 {
+        append_write(&log, 1, i * 4096, &record(i));
+    }
+    log.persist(log.last_lsn()).expect("persist");
+    let before = region.crash_image(1);
+    for i in 10..25 {
+        append_write(&log, 1, i * 4096, &record(i));
+    }
+    let copy_into = |partner: &Region, region: &Region, ranges: Vec<std::ops::Range<u64>>| {
+        let mut buf = Vec::new();
+        for range in ranges {
+            buf.resize((range.end - range.start) as usize, 0);
+            region.read(region.local_log().offset + range.start, &mut buf);
+            partner.write(partner.mirror().offset + range.start, &buf);
+        }
+    };
+    let lsns = |image: &[u8]| scan_all(image).0.iter().map(|r| r.0).collect::<Vec<_>>();
+    for whole_filling_half in [false, true] {
+        // The partner's mirror held all 25 (placed, never persisted here).
+        let partner = Region::in_memory(2, region.geometry());
+        partner.write(partner.mirror().offset, &log.live_image());
+        let recovered =
+            Arc::new(Region::from_image(NODE, region.geometry(), &before).expect("image"));
+        let (after, _) = Log::open(Arc::clone(&recovered)).expect("recover");
+        let (ranges, ()) = after.live_ranges_with(whole_filling_half, || ());
+        copy_into(&partner, &recovered, ranges);
+        // Three more records of the same size, each mirrored as it is
+        // appended: the log now ends where the lost 14th sits in the mirror.
+        for i in 0..3 {
+            let appended = append_write(&after, 1, i * 4096, &payload(90 + i, 1000));
+            copy_into(&partner, &recovered, vec![appended.range.clone()]);
+        }
+        let local = lsns(&after.live_image());
+        assert_eq!(local, (1..=13).collect::<Vec<u64>>());
+        let mirrored = lsns(&partner.snapshot(partner.mirror()));
+        if whole_filling_half {
+            assert_eq!(mirrored, local, "the mirror scans like the log");
+        } else {
+            assert!(
+                mirrored.len() > local.len(),
+                "with the guard alone the mirror goes on into lost records: {mirrored:?}"
+            );
+        }
+    }
+}
+
 /// A resync copies only the live ranges, over a partner mirror that may
 /// hold a longer history of the same half: records the local log lost in
 /// a crash, at the offsets the log reuses. What lies beyond the tail in the

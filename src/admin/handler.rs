@@ -14,6 +14,10 @@ pub trait AdminHandler: Send + Sync + std::fmt::Debug {
     fn takeover(&self, force: bool) -> Result<String, AdminRefusal>;
     /// Hand the partner's volumes back.
     fn giveback(&self) -> Result<String, AdminRefusal>;
+    /// A node handing over after an unclean stop, whose partner cannot
+    /// take over: recover from its own log anyway (writes only the
+    /// partner's mirror had are lost).
+    fn recover_forced(&self) -> Result<String, AdminRefusal>;
     /// Fault injection for drills: e.g. name "cut-interconnect", for
     /// `duration_ms`.
     fn fault(&self, name: &str, duration_ms: u64) -> Result<String, AdminRefusal>;

@@ -41,6 +41,14 @@ pub fn render_status(status: &Status) -> String {
         ),
         with_duration(mailbox_word(partner.mailbox), partner.mailbox_stale_ms),
     );
+    if let Some(why) = &status.handing_over_because {
+        let _ = writeln!(
+            out,
+            "handing over: {}; waiting for the partner to take over and give back \
+             (`nvmirror recover --force` recovers from this node's log instead)",
+            sanitize(why)
+        );
+    }
     if let Some(failure) = &status.failure {
         let _ = writeln!(out, "failed: {}", sanitize(failure));
     }

@@ -23,6 +23,7 @@ pub(crate) const ROUTES: &[(&str, &str, &[&str])] = &[
     ("/metrics", "GET", &[]),
     ("/takeover", "POST", &["force"]),
     ("/giveback", "POST", &[]),
+    ("/recover", "POST", &["force"]),
     ("/fault", "POST", &["name", "duration_ms"]),
 ];
 
@@ -31,9 +32,17 @@ pub(crate) const ROUTES: &[(&str, &str, &[&str])] = &[
 pub(crate) enum Call {
     Status,
     Metrics,
-    Takeover { force: bool },
+    Takeover {
+        force: bool,
+    },
     Giveback,
-    Fault { name: String, duration_ms: u64 },
+    /// Recover from this node's own log although it may lack writes it
+    /// acknowledged (only with `force=true`).
+    RecoverForced,
+    Fault {
+        name: String,
+        duration_ms: u64,
+    },
 }
 
 /// The call a request makes, or the 404, 405 or 400 to answer.
@@ -90,6 +99,14 @@ pub(crate) fn resolve(request: &Request) -> Result<Call, Response> {
             )),
         },
         "/giveback" => Ok(Call::Giveback),
+        "/recover" => match param("force") {
+            Some("true") => Ok(Call::RecoverForced),
+            _ => bad(
+                "recover needs force=true: the node's own log may lack writes it acknowledged, \
+                 and those are lost"
+                    .to_owned(),
+            ),
+        },
         "/fault" => {
             let Some(name) = param("name") else {
                 return bad("missing query parameter name".to_owned());
@@ -168,6 +185,10 @@ pub(crate) fn execute(handler: &dyn AdminHandler, call: &Call, peer: SocketAddr)
         Call::Giveback => {
             info!(%peer, "admin: giveback requested");
             action("giveback", call_handler(|| handler.giveback()))
+        }
+        Call::RecoverForced => {
+            info!(%peer, "admin: forced recovery from the node's own log requested");
+            action("recover", call_handler(|| handler.recover_forced()))
         }
         Call::Fault { name, duration_ms } => {
             info!(%peer, name, duration_ms, "admin: fault injection requested");

@@ -7,7 +7,8 @@
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
-use crate::error::{Error, Result};
+use crate::config::Durability;
+use crate::error::{Error, Refusal, Result};
 use crate::ha::index::TakeoverIndex;
 use crate::ha::{HaNode, Holding, Role};
 use crate::storage::extents::Origin;
@@ -32,7 +33,24 @@ impl HaNode {
         if theirs.owner == me {
             self.resume_holding(theirs)?;
         }
-        if own.owner == me {
+        let recovering_own_log = own.owner == me && !own.log_replayed;
+        let log_may_lack_writes = self
+            .log_may_lack_acknowledged_writes()
+            .filter(|_| recovering_own_log);
+        if let Some(why) = log_may_lack_writes {
+            if self.holding_partner() && self.machine_did_not_restart() {
+                // The partner waits for its own volumes and cannot take ours.
+                tracing::warn!(
+                    %why,
+                    "this node holds the partner's volumes, so the partner cannot take over its \
+                     own; this machine has not restarted since the previous start: the NVRAM kept \
+                     every write; recovering from it"
+                );
+                self.serve_own_volumes(&own, false)?;
+            } else {
+                self.hand_over(&why)?;
+            }
+        } else if own.owner == me {
             // A giveback said our log is in the volumes already, and we crashed
             // before discarding it: discard it now (replaying it would write
             // old data over what the partner wrote while it held them).
@@ -50,6 +68,99 @@ impl HaNode {
             self.node.bind_receiver()?;
         }
         Ok(())
+    }
+
+    /// Why this start must not recover from its own log, if it must not:
+    /// the previous start stopped uncleanly while its mirror was in sync,
+    /// with `durability = "mirror"`. It acknowledged writes once they were
+    /// in its memory and in the partner's; a power loss took what was not
+    /// persisted here, and the partner's mirror is the one complete copy.
+    /// (Out of sync, every acknowledged write was persisted here first;
+    /// with `persist`, always; after a clean stop, too.)
+    pub(super) fn log_may_lack_acknowledged_writes(&self) -> Option<String> {
+        let (_, partner) = self.me_and_partner();
+        let previous = self.node.previous_start.as_ref()?;
+        if previous.clean_stop
+            || !previous.mirror_in_sync
+            || self.node.config.durability == Durability::Persist
+        {
+            return None;
+        }
+        Some(format!(
+            "the previous start (boot {:#x}) stopped uncleanly with its mirror in sync and \
+             durability \"mirror\": its log may lack writes it acknowledged, which node \
+             {partner}'s mirror holds",
+            previous.boot
+        ))
+    }
+
+    /// Whether the machine is in the same boot as at the previous start: a
+    /// crash of the process then lost nothing written to the NVRAM mapping.
+    pub(super) fn machine_did_not_restart(&self) -> bool {
+        let host_boot = &self.node.environment.host_boot;
+        self.node
+            .previous_start
+            .as_ref()
+            .is_some_and(|previous| !host_boot.is_empty() && previous.host_boot == *host_boot)
+    }
+
+    /// Serve nothing, and ask the partner (in the mailbox) to take this
+    /// node's volumes over from its mirror and give them back at once; the
+    /// giveback then discards this node's log. The mailbox still vouches
+    /// for the partner's mirror as the previous start left it (see
+    /// `Node::open`): this start appends nothing and never resyncs its log
+    /// over the mirror (mirroring stays off until the volumes come back).
+    fn hand_over(&self, why: &str) -> Result<()> {
+        assert!(
+            self.node.mailbox.current().mirror_in_sync,
+            "a handover relies on the partner's mirror being in sync"
+        );
+        tracing::error!(
+            %why,
+            "unclean stop: not recovering from this node's own log; asking the partner to take \
+             over from its mirror and give back"
+        );
+        {
+            let mut state = self.state.lock();
+            state.role = Role::HandingOver;
+            state.handing_over_because = Some(why.to_owned());
+        }
+        self.node.mailbox.update(|state| {
+            state.state = Role::HandingOver.as_str().to_owned();
+            state.asks_takeover = true;
+        })
+    }
+
+    /// The operator's way out of a handover the partner cannot answer (it
+    /// is down, or restarted too, so its mirror is not trusted): recover
+    /// from this node's own log, losing the acknowledged writes only the
+    /// partner's mirror had. Logged, and said in the reply.
+    pub fn recover_forced(self: &Arc<Self>) -> Result<String> {
+        let _transition = self.transition.lock();
+        let (me, _) = self.me_and_partner();
+        let (role, why) = {
+            let state = self.state.lock();
+            (state.role, state.handing_over_because.clone())
+        };
+        if role != Role::HandingOver {
+            return Err(Refusal::NotHandingOver {
+                role: role.as_str(),
+            }
+            .into());
+        }
+        let own = ownership::read(&self.node.config.aggregate_dir, me)?;
+        let span = tracing::info_span!("forced_recovery", epoch = own.epoch);
+        let _entered = span.enter();
+        tracing::error!(
+            why = why.as_deref().unwrap_or(""),
+            "operator forced recovery from this node's own log: writes it acknowledged that only \
+             the partner's mirror held are lost"
+        );
+        self.serve_own_volumes(&own, own.log_replayed)?;
+        Ok(format!(
+            "recovered node {me}'s volumes from its own log, as forced; writes the previous start \
+             acknowledged that the log lacked are lost"
+        ))
     }
 
     /// Open and serve this node's own volumes under `own`; with `discard_log`,
@@ -92,9 +203,13 @@ impl HaNode {
             let mut state = self.state.lock();
             state.role = Role::Serving;
             state.own_fence = Some(fence);
+            state.handing_over_because = None;
         }
         self.node.mirror.set_enabled(true);
-        self.set_mailbox_state(Role::Serving);
+        self.node.mailbox.update(|state| {
+            state.state = Role::Serving.as_str().to_owned();
+            state.asks_takeover = false;
+        })?;
         Ok(())
     }
 

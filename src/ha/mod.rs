@@ -82,6 +82,11 @@ pub enum Role {
     /// It was serving, and found that the partner took its volumes.
     #[serde(rename = "fenced")]
     Fenced,
+    /// It restarted after an unclean stop with its mirror in sync: its log
+    /// may lack writes it acknowledged, which the partner's mirror has. It
+    /// serves nothing and asks the partner to take over and give back.
+    #[serde(rename = "handing over")]
+    HandingOver,
 }
 
 impl Role {
@@ -91,6 +96,7 @@ impl Role {
             Role::Serving => "serving",
             Role::WaitingForGiveback => "waiting for giveback",
             Role::Fenced => "fenced",
+            Role::HandingOver => "handing over",
         }
     }
 }
@@ -161,6 +167,8 @@ struct HaState {
     cut_until: Option<Instant>,
     /// When the partner was first seen waiting for giveback (auto giveback).
     partner_waiting_since: Option<Instant>,
+    /// With [`Role::HandingOver`]: why this start does not trust its log.
+    handing_over_because: Option<String>,
 }
 
 /// A node of the pair: the storage node, and who serves which volumes.
@@ -198,6 +206,7 @@ impl HaNode {
                 last_takeover: None,
                 cut_until: None,
                 partner_waiting_since: None,
+                handing_over_because: None,
             }),
             wake: (Mutex::new(false), Condvar::new()),
             replay_total_bytes: AtomicU64::new(0),
@@ -245,6 +254,21 @@ impl HaNode {
         } else {
             Ok(())
         }
+    }
+
+    /// After a clean stop (every thread joined): persist what is left in
+    /// the log and say so in the mailbox, so that the next start recovers
+    /// from its own log without asking the partner's mirror.
+    pub fn record_clean_stop(&self) -> Result<()> {
+        assert!(
+            self.node.is_stopping(),
+            "a clean stop is recorded after the stop"
+        );
+        let last = self.node.log.last_lsn();
+        if last > 0 {
+            self.node.log.persist(last)?;
+        }
+        self.node.mailbox.update(|state| state.clean_stop = true)
     }
 
     /// Tell the node's loops and the monitor to end (the caller joins
@@ -371,10 +395,14 @@ impl HaNode {
     /// volumes this node no longer owns).
     fn log_is_stale(&self) -> bool {
         let state = self.state.lock();
-        matches!(
-            state.role,
-            Role::WaitingForGiveback | Role::Fenced | Role::Starting
-        ) && state.holding.is_none()
+        // Handing over, the log holds this node's own records, which no
+        // consistency point may write (the volumes wait for the partner's
+        // mirror) nor free, even while it also holds the partner's volumes.
+        state.role == Role::HandingOver
+            || matches!(
+                state.role,
+                Role::WaitingForGiveback | Role::Fenced | Role::Starting
+            ) && state.holding.is_none()
     }
 }
 

@@ -8,7 +8,8 @@ use std::time::Duration;
 use crate::error::Result;
 use crate::ha::{HaNode, Role};
 use crate::mirror::Link;
-use crate::storage::{mailbox, ownership};
+use crate::storage::mailbox::{self, MailboxState};
+use crate::storage::ownership;
 
 impl HaNode {
     /// Cut the interconnect for `duration` (drills): close both sessions and
@@ -74,6 +75,18 @@ impl HaNode {
                     self.serve_own_volumes(&own, own.log_replayed)?;
                 }
             }
+            Role::HandingOver => {
+                let own = ownership::read(aggregate, me)?;
+                if own.owner != me {
+                    tracing::warn!(
+                        owner = own.owner,
+                        epoch = own.epoch,
+                        "the partner took over as asked: waiting for the giveback"
+                    );
+                    self.state.lock().role = Role::WaitingForGiveback;
+                    self.set_mailbox_state(Role::WaitingForGiveback);
+                }
+            }
             Role::Starting => {}
         }
         // The partner: its mailbox heartbeat and the interconnect.
@@ -110,6 +123,29 @@ impl HaNode {
         let partner_down = interconnect_silent
             > Duration::from_millis(self.node.config.interconnect.heartbeat_timeout_ms)
             && mailbox_stale > Duration::from_millis(self.node.config.ha.mailbox_timeout_ms);
+        // The partner restarted after an unclean stop and asks for its
+        // volumes to be taken over from our mirror (see `ha::boot`): it
+        // serves nothing meanwhile, so this is no failover decision, and
+        // `auto_takeover` does not govern it.
+        let asks_takeover = partner_mailbox
+            .as_ref()
+            .is_some_and(|m| m.asks_takeover && m.state == Role::HandingOver.as_str());
+        if asks_takeover && !self.holding_partner() && self.role() == Role::Serving {
+            match self.takeover(false, "asked by the partner after an unclean stop") {
+                Ok(message) => tracing::warn!(%message, "takeover asked by the partner"),
+                Err(error) => {
+                    let reason = error.to_string();
+                    let mut state = self.state.lock();
+                    if state.refusal.as_deref() != Some(reason.as_str()) {
+                        tracing::error!(%reason, "takeover asked by the partner refused");
+                    }
+                    state.refusal = Some(reason);
+                }
+            }
+        }
+        if self.role() == Role::HandingOver {
+            self.recover_if_the_partner_cannot_answer(partner_down, partner_mailbox.as_ref())?;
+        }
         let holding = self.holding_partner();
         if partner_down
             && !holding
@@ -136,11 +172,16 @@ impl HaNode {
         }
         // Automatic giveback, when configured: of volumes served here, or
         // fenced by a takeover that stopped before serving them.
+        // A partner that asked for the takeover gets its volumes back as
+        // soon as the replay is done, whatever `auto_giveback_delay_ms` says.
         let aborted = self.state.lock().aborted_takeover.is_some();
-        if let (true, Some(delay_ms)) = (
-            holding || aborted,
-            self.node.config.ha.auto_giveback_delay_ms,
-        ) {
+        let asked_back = partner_mailbox.as_ref().is_some_and(|m| m.asks_takeover);
+        let delay_ms = if asked_back {
+            Some(0)
+        } else {
+            self.node.config.ha.auto_giveback_delay_ms
+        };
+        if let (true, Some(delay_ms)) = (holding || aborted, delay_ms) {
             let waiting = partner_mailbox.as_ref().is_some_and(|m| {
                 m.state == Role::WaitingForGiveback.as_str() || m.state == Role::Fenced.as_str()
             }) && mailbox_stale
@@ -166,5 +207,61 @@ impl HaNode {
             }
         }
         Ok(())
+    }
+
+    /// A node handing over whose partner cannot take over (it is down, or
+    /// it restarted since the mirror was in sync, so it would not trust
+    /// that mirror) recovers from its own log if the machine has not
+    /// restarted since the previous start: the process crashed, and the
+    /// NVRAM mapping kept every byte written to it. After a machine restart
+    /// (a power loss) it keeps waiting, and says so; the operator may force
+    /// it (`nvmirror recover --force`).
+    fn recover_if_the_partner_cannot_answer(
+        self: &Arc<Self>,
+        partner_down: bool,
+        partner_mailbox: Option<&MailboxState>,
+    ) -> Result<()> {
+        let (me, partner) = self.me_and_partner();
+        let previous = self
+            .node
+            .previous_start
+            .clone()
+            .expect("a handover follows an earlier start");
+        let mirror_start = previous.in_sync_with_boot;
+        let partner_restarted = partner_mailbox.map_or(true, |m| Some(m.boot) != mirror_start);
+        if !partner_down && !partner_restarted && !self.holding_partner() {
+            return Ok(());
+        }
+        let _transition = self.transition.lock();
+        if self.role() != Role::HandingOver {
+            return Ok(());
+        }
+        if !self.machine_did_not_restart() {
+            let why = format!(
+                "{}; node {partner} cannot take over ({}), and this machine restarted since (a \
+                 power loss may have taken what was not persisted): waiting for node {partner}",
+                self.log_may_lack_acknowledged_writes().unwrap_or_default(),
+                if partner_down {
+                    "it is down"
+                } else {
+                    "it restarted since its mirror was in sync"
+                }
+            );
+            self.state.lock().handing_over_because = Some(why);
+            return Ok(());
+        }
+        let own = ownership::read(&self.node.config.aggregate_dir, me)?;
+        if own.owner != me {
+            return Ok(());
+        }
+        let span = tracing::info_span!("recovery_without_partner", epoch = own.epoch);
+        let _entered = span.enter();
+        tracing::warn!(
+            partner_down,
+            partner_restarted,
+            "the partner cannot take over, and this machine has not restarted since the previous \
+             start: the NVRAM kept every write; recovering from it"
+        );
+        self.serve_own_volumes(&own, own.log_replayed)
     }
 }

@@ -18,6 +18,11 @@ pub struct Status {
     pub state: Role,
     /// Why the node stopped accepting writes, if it did.
     pub failure: Option<String>,
+    /// In state "handing over": why this start does not trust its own log
+    /// (it waits for the partner to take over and give back, or for
+    /// `nvmirror recover --force`).
+    #[serde(default)]
+    pub handing_over_because: Option<String>,
     pub partner: PartnerStatus,
     pub mirror: MirrorStatus,
     pub takeover: TakeoverStatus,
@@ -222,6 +227,7 @@ impl HaNode {
             node_id: me,
             state: state.role,
             failure: self.node.failure(),
+            handing_over_because: state.handing_over_because.clone(),
             partner: PartnerStatus {
                 node_id: partner,
                 interconnect,

@@ -126,6 +126,9 @@ pub struct Mirror {
     mailbox: Arc<Mailbox>,
     /// The mailbox durably says "out of sync".
     marked_out_of_sync: AtomicBool,
+    /// Whether a resync completed since the log was recovered: the first
+    /// one copies the filling half to its end (`nvlog::Log::live_ranges_with`).
+    resynced_since_recovery: AtomicBool,
     /// Serializes marking and clearing "out of sync".
     mark_lock: Mutex<()>,
     /// Wakes the connector when the link goes down or the node stops.
@@ -192,6 +195,7 @@ impl Mirror {
             covered_below: AtomicU64::new(0),
             mailbox,
             marked_out_of_sync: AtomicBool::new(false),
+            resynced_since_recovery: AtomicBool::new(false),
             mark_lock: Mutex::new(()),
             wake: (Mutex::new(false), Condvar::new()),
             enabled: AtomicBool::new(false),
@@ -385,6 +389,13 @@ impl Mirror {
         Ok(())
     }
 
+    /// The log was recovered after a clean stop: it lost nothing the
+    /// partner's mirror may hold, so the first resync copies only the live
+    /// ranges.
+    pub fn log_recovered_after_a_clean_stop(&self) {
+        self.resynced_since_recovery.store(true, Ordering::Release);
+    }
+
     /// Post a header update from a consistency point (ordering with records
     /// does not matter: header slots carry a sequence number).
     pub fn post_header(&self, range: Range<u64>) {
@@ -543,7 +554,8 @@ impl Mirror {
         // The ranges and the switch to Resyncing in one step under the
         // order lock: what was appended before is inside the ranges, what
         // is appended after is posted to this session by its own write.
-        let (ranges, start) = log.live_ranges_with(|| {
+        let first_since_recovery = !self.resynced_since_recovery.load(Ordering::Acquire);
+        let (ranges, start) = log.live_ranges_with(first_since_recovery, || {
             self.link.store(Link::Resyncing as u8, Ordering::Release);
             self.resync_starts.fetch_add(1, Ordering::AcqRel) + 1
         });
@@ -572,6 +584,7 @@ impl Mirror {
         if !declared? {
             return Err(crate::error::Error::ResyncInterrupted);
         }
+        self.resynced_since_recovery.store(true, Ordering::Release);
         tracing::info!(
             copied_bytes = total_bytes,
             log_bytes = self.log_len_bytes,

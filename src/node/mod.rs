@@ -51,6 +51,24 @@ pub struct Environment {
     /// repeat an earlier start's, even when the mailbox that recorded that
     /// one is lost: [`random_boot_id`], not a counter.
     pub boot: u64,
+    /// The identity of the machine's current boot (Linux's
+    /// `/proc/sys/kernel/random/boot_id`; empty when unknown). The same as
+    /// the previous start's: the machine did not restart in between, so a
+    /// crash of the process lost nothing written to the NVRAM mapping (the
+    /// page cache, or the CPU caches of a DAX device, kept it).
+    pub host_boot: String,
+}
+
+/// The machine's boot identity (empty, which never matches, if Linux does
+/// not say).
+pub fn read_host_boot() -> String {
+    match std::fs::read_to_string("/proc/sys/kernel/random/boot_id") {
+        Ok(text) => text.trim().to_owned(),
+        Err(error) => {
+            tracing::warn!(%error, "cannot read the machine's boot id: every unclean stop counts as a power loss");
+            String::new()
+        }
+    }
 }
 
 /// A boot identity no earlier start has had (64 random bits).
@@ -110,6 +128,9 @@ pub struct Node {
     volumes: RwLock<Vec<Arc<Volume>>>,
     pub mirror: Mirror,
     pub mailbox: Arc<Mailbox>,
+    /// The mailbox as the previous start left it (`None` for a first
+    /// start): how that start stopped, and what it said of its mirror.
+    pub previous_start: Option<MailboxState>,
     pub stats: Stats,
     /// Write latency in microseconds, for metrics.
     pub write_latency_us: Arc<Histogram>,
@@ -175,11 +196,32 @@ impl Node {
         let (log, _recovery) = Log::open(region.clone())?;
         let (events_tx, events_rx) = crossbeam_channel::unbounded();
         let boot = environment.boot;
-        if let Ok(Some(previous)) =
-            crate::storage::mailbox::read(&config.aggregate_dir, config.node_id)
-        {
+        // What the previous start left in the mailbox, before this start
+        // replaces it: HA reads how it stopped.
+        let previous_start = crate::storage::mailbox::read(&config.aggregate_dir, config.node_id)
+            .ok()
+            .flatten();
+        if let Some(previous) = &previous_start {
             assert_ne!(previous.boot, boot, "a boot identity is never reused");
         }
+        // What the mailbox says of the partner's mirror carries over from
+        // the previous start: this start has appended nothing yet, so it is
+        // still true (and a start that dies before it decides anything must
+        // not erase it: the next one reads it to know whether its own log
+        // may lack acknowledged writes). The first write the mirror lacks
+        // marks it out of sync, as always.
+        let (mirror_in_sync, in_sync_with_boot, out_of_sync_reason) = match &previous_start {
+            Some(previous) => (
+                previous.mirror_in_sync,
+                previous.in_sync_with_boot,
+                previous.out_of_sync_reason.clone(),
+            ),
+            None => (
+                false,
+                None,
+                Some("node starting: the mirror is resynced after connecting".into()),
+            ),
+        };
         let mailbox = Arc::new(Mailbox::new(
             &config.aggregate_dir,
             MailboxState {
@@ -187,10 +229,8 @@ impl Node {
                 node_id: config.node_id,
                 heartbeat_seq: 0,
                 state: "starting".into(),
-                mirror_in_sync: false,
-                out_of_sync_reason: Some(
-                    "node starting: the mirror is resynced after connecting".into(),
-                ),
+                mirror_in_sync,
+                out_of_sync_reason,
                 nbd_listen: config.nbd.listen.to_string(),
                 volumes: config
                     .volumes
@@ -203,7 +243,10 @@ impl Node {
                 half_bytes: config.nvram.half_size.0,
                 updated_unix_ms: 0,
                 boot,
-                in_sync_with_boot: None,
+                in_sync_with_boot,
+                clean_stop: false,
+                asks_takeover: false,
+                host_boot: environment.host_boot.clone(),
             },
         ));
         let mirror = Mirror::new(
@@ -226,6 +269,7 @@ impl Node {
             volumes: RwLock::new(Vec::new()),
             mirror,
             mailbox,
+            previous_start,
             stats: Stats::default(),
             write_latency_us: Arc::new(Histogram::latency_us()),
             environment,
@@ -238,8 +282,9 @@ impl Node {
             receiver: Mutex::new(None),
             events: events_tx,
         });
-        // Publish the mailbox: "out of sync" until the first resync, since
-        // nothing says what the partner's mirror holds.
+        if node.previous_start.as_ref().is_some_and(|p| p.clean_stop) {
+            node.mirror.log_recovered_after_a_clean_stop();
+        }
         node.mailbox.update(|_| {})?;
         Ok((node, events_rx))
     }

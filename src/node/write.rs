@@ -258,6 +258,12 @@ impl Node {
             self.stats.acks_mirrored.fetch_add(1, Ordering::Relaxed);
             return Ok(());
         }
+        // Persisted before the mark: once the mailbox says "out of sync",
+        // every write acknowledged before is persisted here (a start after
+        // an unclean stop trusts its own log then, see `ha::boot`).
+        self.log
+            .persist(lsn)
+            .inspect_err(|error| self.fail(error.to_string()))?;
         self.mirror.mark_out_of_sync(
             &format!(
                 "partner {} unreachable or resyncing; writes are acknowledged after local persistence",
@@ -266,9 +272,6 @@ impl Node {
             placed,
             resyncs_at_append,
         )?;
-        self.log
-            .persist(lsn)
-            .inspect_err(|error| self.fail(error.to_string()))?;
         volume.fence.check()?;
         self.stats.acks_persisted.fetch_add(1, Ordering::Relaxed);
         Ok(())

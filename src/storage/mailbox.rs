@@ -55,7 +55,7 @@ pub struct MailboxState {
     /// Milliseconds since the Unix epoch of this update (for people; the
     /// partner judges liveness by `heartbeat_seq` alone).
     pub updated_unix_ms: u64,
-    /// Raised at every start of the node. The mirror it holds of its
+    /// New (random) at every start of the node. The mirror it holds of its
     /// partner's log is only as good as the start that received it: a
     /// restart after a power loss may have lost mirrored bytes it had not
     /// persisted.
@@ -65,6 +65,21 @@ pub struct MailboxState {
     /// A takeover by a partner that has restarted since does not trust it.
     #[serde(default)]
     pub in_sync_with_boot: Option<u64>,
+    /// Set by a clean stop, once every write it acknowledged is in the
+    /// volume files or persisted in its log; cleared at start. A start that
+    /// finds it unset follows an unclean stop (a crash, a power loss).
+    #[serde(default)]
+    pub clean_stop: bool,
+    /// The node restarted after an unclean stop with its mirror in sync: its
+    /// own log may lack writes it acknowledged (a power loss takes what was
+    /// not persisted), the partner's mirror has them. It asks the partner
+    /// to take its volumes over, which replays that mirror, and to give
+    /// them back as soon as the replay is done.
+    #[serde(default)]
+    pub asks_takeover: bool,
+    /// The machine's boot identity at this start (`node::read_host_boot`).
+    #[serde(default)]
+    pub host_boot: String,
 }
 
 /// This node's own mailbox: the one writer of its file.

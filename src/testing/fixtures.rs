@@ -50,6 +50,9 @@ pub fn example_mailbox_state() -> MailboxState {
         updated_unix_ms: 0,
         boot: 1,
         in_sync_with_boot: None,
+        clean_stop: false,
+        asks_takeover: false,
+        host_boot: String::new(),
     }
 }
 
@@ -91,6 +94,7 @@ pub fn example_status() -> Status {
         node_id: 1,
         state: Role::Serving,
         failure: None,
+        handing_over_because: None,
         partner: PartnerStatus {
             node_id: 2,
             interconnect: InterconnectView::Up,

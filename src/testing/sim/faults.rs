@@ -77,6 +77,7 @@ impl World {
         node.down_since_ms = now;
         let id = node.id;
         if power_loss {
+            node.power_ups += 1;
             let mut disk_rng = self.rng.fork();
             self.shelf.crash(id, &mut disk_rng);
             self.report.power_losses += 1;

@@ -35,6 +35,8 @@ pub(super) struct SimNode {
     pub(super) heartbeat_at_ms: u64,
     /// Counts restarts, so writes of an earlier life are not finished.
     pub(super) incarnation: u64,
+    /// Power losses so far: the host's boot identity changes with each.
+    pub(super) power_ups: u64,
 }
 
 /// A write in the log, not yet acknowledged.
@@ -115,6 +117,7 @@ impl World {
                 stalled_since_ms: 0,
                 heartbeat_at_ms: 0,
                 incarnation: 0,
+                power_ups: 0,
             }
         });
         let mut world = World {
@@ -287,6 +290,10 @@ impl World {
             )
             .next_u64()
             .max(1),
+            host_boot: format!(
+                "simulated host of node {}, power-up {}",
+                node.id, node.power_ups
+            ),
         };
         let options = HaOptions {
             replay: ReplayDriver::Caller,
