@@ -96,6 +96,13 @@ pub enum Error {
         mailbox: PathBuf,
     },
 
+    #[error(
+        "the shared storage at {} is not the file system it was when the node started (device \
+         {was:#x}, now {now:#x}): is it unmounted? Nothing more is written there",
+        path.display()
+    )]
+    SharedStorageChanged { path: PathBuf, was: u64, now: u64 },
+
     #[error("the mirror holds node {found}'s log, not node {expected}'s")]
     WrongMirror { found: u32, expected: u32 },
 

@@ -13,8 +13,9 @@ pub fn write_atomically(path: &Path, bytes: &[u8]) -> Result<()> {
         let path = path.to_owned();
         move |source| Error::Io { what, path, source }
     };
+    // The directory is not created here: one that has gone (a shared
+    // file system lost) must fail the write, not be made anew.
     let dir = path.parent().expect("a file path has a directory");
-    std::fs::create_dir_all(dir).map_err(io("creating the directory of"))?;
     let mut temporary_name = path.file_name().expect("a file name").to_os_string();
     temporary_name.push(".tmp");
     let temporary = dir.join(temporary_name);

@@ -545,3 +545,107 @@ fn an_unclean_restart_with_the_partner_down_recovers_from_the_nvram_it_kept() {
         "node 1 says what it did:\n{log}"
     );
 }
+
+/// A node that loses the shared storage (here its path to the aggregate
+/// goes away; the partner's stays) cannot write its mailbox. It must not
+/// keep its volumes by heartbeating on the interconnect while it
+/// acknowledges nothing: it fails, leaves the pair, and the partner takes
+/// over from its mirror with every acknowledged write.
+#[test]
+fn a_node_that_loses_the_shared_storage_leaves_the_pair_and_is_taken_over() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut pair = PairHarness::configure(PairSpec {
+        dir: dir.path().to_owned(),
+        volumes: vec![("vol0".into(), VOLUME_BYTES)],
+        half_bytes: 8 << 20,
+        extra_config: String::new(),
+        ha_config: String::new(),
+        binary: Some(env!("CARGO_BIN_EXE_nvmirror").into()),
+        transport: "tcp".into(),
+    })
+    .expect("configure the pair");
+    let aggregate = pair.aggregate();
+    std::fs::create_dir_all(&aggregate).expect("aggregate");
+    let node1_path = dir.path().join("node1-path-to-the-aggregate");
+    std::os::unix::fs::symlink(&aggregate, &node1_path).expect("symlink");
+    for (node, from, to) in [
+        (
+            1,
+            format!("aggregate_dir = \"{}\"", aggregate.display()),
+            format!("aggregate_dir = \"{}\"", node1_path.display()),
+        ),
+        (
+            2,
+            "name = \"vol0\"".to_owned(),
+            "name = \"vol2\"".to_owned(),
+        ),
+    ] {
+        let path = pair.node(node).config_path.clone();
+        let text = std::fs::read_to_string(&path).expect("config");
+        assert!(text.contains(&from), "{text}");
+        std::fs::write(&path, text.replace(&from, &to)).expect("config");
+    }
+    for node in [1, 2] {
+        pair.node(node).start(START).expect("start node");
+    }
+    pair.wait_in_sync(1, START).expect("node 1 in sync");
+    let nbd1 = pair.node(1).nbd;
+    let mut acked = ledger("vol0", 0, 256);
+    write_some(nbd1, &mut acked, 1, 50);
+
+    std::fs::remove_file(&node1_path).expect("node 1 loses the shared storage");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !holding(&mut pair, 2) {
+        assert!(
+            Instant::now() < deadline,
+            "node 2 did not take over\nnode 1:\n{}\nnode 2:\n{}",
+            pair.node(1).log(),
+            pair.node(2).log()
+        );
+        std::thread::sleep(Duration::from_millis(25));
+    }
+    verify(pair.node(2).nbd, &acked);
+    let status = pair
+        .node(1)
+        .status()
+        .expect("node 1 answers its admin endpoint");
+    let failure = status.failure.expect("node 1 says it failed");
+    assert!(failure.contains("mailbox"), "{failure}");
+    let log = pair.node(1).log();
+    assert!(log.contains("leaves the pair"), "{log}");
+}
+
+/// A node that asked its partner to take over and restarts before the
+/// giveback still gets its volumes back as soon as the replay ends, though
+/// `auto_giveback_delay_ms` is not set: the request carries over from one
+/// start to the next.
+#[test]
+fn a_handover_survives_a_restart_of_the_node_that_asked() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    // A slow replay, so node 1 restarts while it runs.
+    let mut pair = pair(
+        dir.path(),
+        "[consistency_point]\ninterval_ms = 600000\nthreshold_percent = 95\n",
+        "auto_takeover = false\nreplay_max_bytes_per_s = \"256KiB\"\n",
+    );
+    let nbd1 = pair.node(1).nbd;
+    let mut acked = ledger("vol0", 0, 1024);
+    write_some(nbd1, &mut acked, 1, 200);
+    pair.node(1).kill9();
+    pair.node(1).start(START).expect("node 1 restarts");
+    wait_for(
+        "node 2 to take over, asked",
+        Duration::from_secs(15),
+        || holding(&mut pair, 2),
+    );
+    assert!(
+        pair.node(2).status().is_ok_and(|s| s.replay.active),
+        "the replay still runs"
+    );
+    pair.node(1).kill9();
+    pair.node(1).start(START).expect("node 1 restarts again");
+    wait_for("node 1 to serve again", Duration::from_secs(60), || {
+        state(&mut pair, 1) == Some(Role::Serving) && !holding(&mut pair, 2)
+    });
+    verify(nbd1, &acked);
+}

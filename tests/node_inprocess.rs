@@ -160,7 +160,10 @@ fn pair_mirrors_marks_out_of_sync_and_resyncs() {
     });
     assert_eq!(local.len() as u64, a_inner.region.local_log().len);
 
-    // Partner down: writes still succeed and the mailbox says out of sync.
+    // Partner down (a clean stop: after a crash it would hand its volumes
+    // over to node 1 when it comes back, see `tests/ha_failover.rs`): writes
+    // still succeed and the mailbox says out of sync.
+    b.shutdown().expect("node 2 stops");
     drop(b);
     a_inner
         .write(&vols[0], 0, &pattern(9999, 4096), false)

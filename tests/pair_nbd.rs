@@ -285,6 +285,22 @@ except Exception as e:
         let _ = recovering.wait();
     }
     pair.node(1).start(START).expect("restart node 1");
+    // After an unclean stop with its mirror in sync node 1 does not trust
+    // its log: node 2 takes its volumes over and gives them back first.
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while !pair
+        .node(1)
+        .status()
+        .is_ok_and(|status| status.state == nvmirror::ha::Role::Serving)
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "node 1 does not serve again\nnode 1:\n{}\nnode 2:\n{}",
+            pair.node(1).log(),
+            pair.node(2).log()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
     let expected = latest
         .iter()
         .map(|(b, v)| format!("{b}: {v}"))

@@ -169,6 +169,10 @@ struct HaState {
     partner_waiting_since: Option<Instant>,
     /// With [`Role::HandingOver`]: why this start does not trust its log.
     handing_over_because: Option<String>,
+    /// Since when the mailbox cannot be written.
+    mailbox_failing_since: Option<Instant>,
+    /// The node failed and left the pair (see `monitor`).
+    withdrawn: bool,
 }
 
 /// A node of the pair: the storage node, and who serves which volumes.
@@ -207,6 +211,8 @@ impl HaNode {
                 cut_until: None,
                 partner_waiting_since: None,
                 handing_over_because: None,
+                mailbox_failing_since: None,
+                withdrawn: false,
             }),
             wake: (Mutex::new(false), Condvar::new()),
             replay_total_bytes: AtomicU64::new(0),

@@ -45,11 +45,12 @@ impl HaNode {
     pub fn monitor_tick(self: &Arc<Self>) -> Result<()> {
         let (me, partner) = self.me_and_partner();
         let aggregate = &self.node.config.aggregate_dir;
+        if let Some(reason) = self.node.failure() {
+            self.withdraw(&reason);
+            return Ok(());
+        }
         let role = self.role();
-        self.node.mailbox.update(|state| {
-            state.heartbeat_seq += 1;
-            state.state = role.as_str().to_owned();
-        })?;
+        self.heartbeat_in_the_mailbox(role)?;
         // Our own volumes: fenced, or given back?
         match role {
             Role::Serving => {
@@ -263,5 +264,58 @@ impl HaNode {
              start: the NVRAM kept every write; recovering from it"
         );
         self.serve_own_volumes(&own, own.log_replayed)
+    }
+
+    /// Raise the mailbox heartbeat. A node that cannot write its mailbox
+    /// (it lost the shared storage) for longer than the partner's failure
+    /// detector waits fails: it withdraws from the pair at the next round,
+    /// so that the partner, which still reaches the storage, takes over.
+    fn heartbeat_in_the_mailbox(&self, role: Role) -> Result<()> {
+        let written = self.node.mailbox.update(|state| {
+            state.heartbeat_seq += 1;
+            state.state = role.as_str().to_owned();
+        });
+        let now = self.node.environment.clock.now();
+        let mut state = self.state.lock();
+        let Err(error) = written else {
+            state.mailbox_failing_since = None;
+            return Ok(());
+        };
+        let since = *state.mailbox_failing_since.get_or_insert(now);
+        drop(state);
+        let failing = now.duration_since(since);
+        if failing > Duration::from_millis(self.node.config.ha.mailbox_timeout_ms) {
+            self.node.fail(format!(
+                "its mailbox {} could not be written for {} ms (is the shared storage gone?): {error}",
+                self.node.mailbox.path().display(),
+                failing.as_millis()
+            ));
+        }
+        Err(error)
+    }
+
+    /// A failed node leaves the pair: it stops serving (every volume's fence
+    /// trips: no read may be served from files the partner is about to
+    /// write), closes both interconnect sessions and raises its mailbox
+    /// heartbeat no more, so that its partner sees it down and takes over
+    /// (from its mirror, when that is in sync) instead of waiting on a node
+    /// that acknowledges nothing. A restart brings it back.
+    fn withdraw(&self, reason: &str) {
+        let mut state = self.state.lock();
+        if state.withdrawn {
+            return;
+        }
+        state.withdrawn = true;
+        drop(state);
+        tracing::error!(
+            %reason,
+            "this node failed: it leaves the pair (interconnect closed, mailbox heartbeat stopped) \
+             so that the partner takes over; restart it to bring it back"
+        );
+        for volume in self.node.volumes() {
+            volume.fence.trip();
+        }
+        self.node.mirror.set_enabled(false);
+        self.node.shutdown_receiver();
     }
 }

@@ -195,6 +195,13 @@ impl Node {
     ) -> Result<(Arc<Node>, EventReceiver<ControlEvent>)> {
         let (log, _recovery) = Log::open(region.clone())?;
         let (events_tx, events_rx) = crossbeam_channel::unbounded();
+        // The aggregate is made at start, and never again: a shared file
+        // system that goes away must make writes there fail.
+        std::fs::create_dir_all(&config.aggregate_dir).map_err(|source| Error::Io {
+            what: "creating the aggregate directory",
+            path: config.aggregate_dir.clone(),
+            source,
+        })?;
         let boot = environment.boot;
         // What the previous start left in the mailbox, before this start
         // replaces it: HA reads how it stopped.
@@ -245,7 +252,10 @@ impl Node {
                 boot,
                 in_sync_with_boot,
                 clean_stop: false,
-                asks_takeover: false,
+                // A node that asked its partner to take over and restarted
+                // before the giveback still asks for it (HA clears it once
+                // the volumes are served here again).
+                asks_takeover: previous_start.as_ref().is_some_and(|p| p.asks_takeover),
                 host_boot: environment.host_boot.clone(),
             },
         ));

@@ -13,6 +13,7 @@
 //!
 //! The file is JSON, replaced atomically ([`write_atomically`]).
 
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -86,6 +87,11 @@ pub struct MailboxState {
 #[derive(Debug)]
 pub struct Mailbox {
     path: PathBuf,
+    /// The file system the aggregate was on when the node started. A
+    /// shared file system that goes away can leave its mount point behind,
+    /// an empty directory of the local disk: a mailbox written there would
+    /// look alive here and stale to the partner.
+    aggregate_device: Option<u64>,
     state: Mutex<MailboxState>,
 }
 
@@ -99,7 +105,29 @@ impl Mailbox {
     pub fn new(aggregate_dir: &Path, initial: MailboxState) -> Mailbox {
         Mailbox {
             path: mailbox_path(aggregate_dir, initial.node_id),
+            aggregate_device: std::fs::metadata(aggregate_dir)
+                .ok()
+                .map(|metadata| metadata.dev()),
             state: Mutex::new(initial),
+        }
+    }
+
+    /// Whether the aggregate is still where it was at start: there, and on
+    /// the same file system.
+    fn check_aggregate(&self) -> Result<()> {
+        let dir = self.path.parent().expect("a mailbox lives in a directory");
+        let now = std::fs::metadata(dir).map_err(|source| Error::Io {
+            what: "looking at the shared storage (the aggregate) at",
+            path: dir.to_owned(),
+            source,
+        })?;
+        match self.aggregate_device {
+            Some(device) if device != now.dev() => Err(Error::SharedStorageChanged {
+                path: dir.to_owned(),
+                was: device,
+                now: now.dev(),
+            }),
+            _ => Ok(()),
         }
     }
 
@@ -120,6 +148,7 @@ impl Mailbox {
         next.updated_unix_ms = now_unix_ms();
         let mut bytes = serde_json::to_vec_pretty(&next).expect("a mailbox state serializes");
         bytes.push(b'\n');
+        self.check_aggregate()?;
         write_atomically(&self.path, &bytes)?;
         *state = next;
         Ok(())

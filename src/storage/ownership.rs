@@ -157,7 +157,6 @@ fn lock_owner_file(aggregate_dir: &Path, volumes_of: u32) -> Result<Flock<File>>
         let path = path.clone();
         move |source| Error::Io { what, path, source }
     };
-    std::fs::create_dir_all(aggregate_dir).map_err(io("creating the directory of"))?;
     let deadline = Instant::now() + OWNER_LOCK_WAIT;
     loop {
         let file = OpenOptions::new()
