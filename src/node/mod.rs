@@ -195,13 +195,18 @@ impl Node {
     ) -> Result<(Arc<Node>, EventReceiver<ControlEvent>)> {
         let (log, _recovery) = Log::open(region.clone())?;
         let (events_tx, events_rx) = crossbeam_channel::unbounded();
-        // The aggregate is made at start, and never again: a shared file
-        // system that goes away must make writes there fail.
-        std::fs::create_dir_all(&config.aggregate_dir).map_err(|source| Error::Io {
-            what: "creating the aggregate directory",
-            path: config.aggregate_dir.clone(),
-            source,
-        })?;
+        // The directories are made at start, and never again: a shared
+        // file system that goes away must make writes there fail.
+        for (what, dir) in [
+            ("creating the data directory", &config.data_dir),
+            ("creating the aggregate directory", &config.aggregate_dir),
+        ] {
+            std::fs::create_dir_all(dir).map_err(|source| Error::Io {
+                what,
+                path: dir.clone(),
+                source,
+            })?;
+        }
         let boot = environment.boot;
         // What the previous start left in the mailbox, before this start
         // replaces it: HA reads how it stopped.
