@@ -814,43 +814,56 @@ fn a_node_handing_over_after_a_machine_restart_waits_until_forced() {
     drop(b);
     drop(a);
 
-    let environment = Environment {
-        clock: Arc::new(SystemClock),
-        disks: Arc::new(FileDisks),
-        interconnect: Arc::new(NetworkInterconnect::from_config(&config1).expect("interconnect")),
-        boot: random_boot_id(),
-        host_boot: "a later boot of this machine".to_owned(),
-    };
-    let region = Arc::new(
-        Region::open(
-            &config1.nvram_path(),
-            1,
-            Geometry::new(config1.nvram.half_size.0).expect("geometry"),
+    // Started twice in the later boot: the first start hands over and
+    // crashes; the second must not take the unchanged machine boot for
+    // proof that the log is whole (the first one never served from it).
+    let start = |config: Config| {
+        let environment = Environment {
+            clock: Arc::new(SystemClock),
+            disks: Arc::new(FileDisks),
+            interconnect: Arc::new(
+                NetworkInterconnect::from_config(&config).expect("interconnect"),
+            ),
+            boot: random_boot_id(),
+            host_boot: "a later boot of this machine".to_owned(),
+        };
+        let region = Arc::new(
+            Region::open(
+                &config.nvram_path(),
+                1,
+                Geometry::new(config.nvram.half_size.0).expect("geometry"),
+            )
+            .expect("nvram"),
+        );
+        let (node, _events) = Node::open(config, region, environment).expect("node 1 again");
+        let ha = HaNode::start(
+            node.clone(),
+            HaOptions {
+                replay: ReplayDriver::Caller,
+                partner_service: None,
+            },
         )
-        .expect("nvram"),
-    );
-    let (node, _events) = Node::open(config1, region, environment).expect("node 1 again");
-    let ha = HaNode::start(
-        node.clone(),
-        HaOptions {
-            replay: ReplayDriver::Caller,
-            partner_service: None,
-        },
-    )
-    .expect("HA of node 1");
-    assert_eq!(ha.role(), nvmirror::ha::Role::HandingOver);
-    assert!(node.mailbox.current().asks_takeover);
-    assert!(
-        node.volumes().is_empty(),
-        "a node handing over serves nothing"
-    );
-    // Past the failure detector's timeouts: node 2 is down.
-    ha.monitor_tick().expect("monitor");
-    std::thread::sleep(Duration::from_millis(1200));
-    ha.monitor_tick().expect("monitor");
-    assert_eq!(ha.role(), nvmirror::ha::Role::HandingOver);
-    let why = ha.status().handing_over_because.expect("says why");
-    assert!(why.contains("this machine restarted"), "{why}");
+        .expect("HA of node 1");
+        assert_eq!(ha.role(), nvmirror::ha::Role::HandingOver);
+        assert!(node.mailbox.current().asks_takeover);
+        assert!(
+            node.volumes().is_empty(),
+            "a node handing over serves nothing"
+        );
+        // Past the failure detector's timeouts: node 2 is down.
+        ha.monitor_tick().expect("monitor");
+        std::thread::sleep(Duration::from_millis(1200));
+        ha.monitor_tick().expect("monitor");
+        assert_eq!(ha.role(), nvmirror::ha::Role::HandingOver);
+        let why = ha.status().handing_over_because.expect("says why");
+        assert!(why.contains("this machine restarted"), "{why}");
+        (node, ha)
+    };
+    let (node, ha) = start(config1.clone());
+    node.stop();
+    drop(ha);
+    drop(node);
+    let (node, ha) = start(config1);
 
     let message = ha.recover_forced().expect("forced recovery");
     assert!(message.contains("lost"), "{message}");

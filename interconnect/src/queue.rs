@@ -1126,6 +1126,9 @@ mod tests {
             queue.try_reserve(1),
             Err(Error::Disconnected { .. })
         ));
+        // The old session's handle, as a transport late to notice might
+        // still hold it (the reconnect closes the old transport).
+        let old_completions = old_link.completions_even_if_cut();
 
         let local = old_link.local_memory();
         let mirror = SharedMemory::zeroed(1 << 16);
@@ -1148,7 +1151,7 @@ mod tests {
         let id = reservation.post(write(8, 8));
         assert_eq!(id.get(), lost.get() + 1);
         // Late completions from the old session change nothing.
-        old_link.completions_even_if_cut().placed_through(id);
+        old_completions.placed_through(id);
         assert_eq!(queue.in_flight(), 1);
         assert!(new_link.deliver_next());
         queue.wait_placed_timeout(id, LONG).unwrap();

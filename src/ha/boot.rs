@@ -94,14 +94,16 @@ impl HaNode {
         ))
     }
 
-    /// Whether the machine is in the same boot as at the previous start: a
-    /// crash of the process then lost nothing written to the NVRAM mapping.
+    /// Whether the machine is in the same boot as when this node last
+    /// served from its log (starts that handed over since do not count: they
+    /// wrote nothing): a crash of the process then lost nothing written to
+    /// the NVRAM mapping.
     pub(super) fn machine_did_not_restart(&self) -> bool {
         let host_boot = &self.node.environment.host_boot;
         self.node
             .previous_start
             .as_ref()
-            .is_some_and(|previous| !host_boot.is_empty() && previous.host_boot == *host_boot)
+            .is_some_and(|previous| !host_boot.is_empty() && previous.log_host_boot == *host_boot)
     }
 
     /// Serve nothing, and ask the partner (in the mailbox) to take this
@@ -206,9 +208,11 @@ impl HaNode {
             state.handing_over_because = None;
         }
         self.node.mirror.set_enabled(true);
+        let host_boot = self.node.environment.host_boot.clone();
         self.node.mailbox.update(|state| {
             state.state = Role::Serving.as_str().to_owned();
             state.asks_takeover = false;
+            state.log_host_boot = host_boot;
         })?;
         Ok(())
     }

@@ -261,7 +261,10 @@ impl Node {
                 // before the giveback still asks for it (HA clears it once
                 // the volumes are served here again).
                 asks_takeover: previous_start.as_ref().is_some_and(|p| p.asks_takeover),
-                host_boot: environment.host_boot.clone(),
+                log_host_boot: previous_start.as_ref().map_or_else(
+                    || environment.host_boot.clone(),
+                    |p| p.log_host_boot.clone(),
+                ),
             },
         ));
         let mirror = Mirror::new(

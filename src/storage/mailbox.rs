@@ -78,9 +78,13 @@ pub struct MailboxState {
     /// them back as soon as the replay is done.
     #[serde(default)]
     pub asks_takeover: bool,
-    /// The machine's boot identity at this start (`node::read_host_boot`).
+    /// The machine's boot identity (`node::read_host_boot`) when this node
+    /// last served from its own log. The same at a later start: the
+    /// machine did not restart since the log was last written, so a crash
+    /// lost nothing of it. A start that does not serve from its log (it
+    /// hands over) leaves it as it was.
     #[serde(default)]
-    pub host_boot: String,
+    pub log_host_boot: String,
 }
 
 /// This node's own mailbox: the one writer of its file.

@@ -52,7 +52,7 @@ pub fn example_mailbox_state() -> MailboxState {
         in_sync_with_boot: None,
         clean_stop: false,
         asks_takeover: false,
-        host_boot: String::new(),
+        log_host_boot: String::new(),
     }
 }
 
