@@ -55,10 +55,10 @@ impl World {
         // persisted, the rest torn at any byte, and part of the volume
         // writes not yet synced. With durability = "mirror" a write is
         // acknowledged before it is persisted locally; after a power loss
-        // of the node only the partner's mirror has it, so a restart before
-        // the partner takes over would serve a log that lacks it (a known
-        // limitation, see the README): power loss is simulated with
-        // durability = "persist" only.
+        // of the node only the partner's mirror has it. A node restarting
+        // then hands its own volumes over, but one that held its partner's
+        // serves them from its log (a known limitation, see the README):
+        // power loss is simulated with durability = "persist" only.
         let power_loss = self.durability == Durability::Persist && self.rng.chance(50);
         let tear_seed = power_loss.then(|| self.rng.next_u64());
         ha.node.mirror.stop();
