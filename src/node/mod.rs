@@ -53,9 +53,10 @@ pub struct Environment {
     pub boot: u64,
     /// The identity of the machine's current boot (Linux's
     /// `/proc/sys/kernel/random/boot_id`; empty when unknown). The same as
-    /// the previous start's: the machine did not restart in between, so a
-    /// crash of the process lost nothing written to the NVRAM mapping (the
-    /// page cache, or the CPU caches of a DAX device, kept it).
+    /// when this node last served from its log (the mailbox's
+    /// `log_host_boot`): the machine did not restart since, so a crash of
+    /// the process lost nothing written to the NVRAM mapping (the page
+    /// cache, or the CPU caches of a DAX device, kept it).
     pub host_boot: String,
 }
 
