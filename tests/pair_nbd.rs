@@ -323,7 +323,19 @@ for block in range(4096):
 print("bad", bad[:10], len(bad))
 "#
     );
-    let output = nbdsh(&uri, &script);
+    // Node 1 binds its NBD address again once node 2, which served it
+    // during the handover, has let it go: until then a client is refused
+    // (or finds no export) and tries again, as a client would.
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let output = loop {
+        let output = nbdsh(&uri, &script);
+        if String::from_utf8_lossy(&output.stdout).contains("bad ")
+            || std::time::Instant::now() > deadline
+        {
+            break output;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
     let report = String::from_utf8_lossy(&output.stdout);
     assert!(
         report.contains("bad [] 0"),
