@@ -24,11 +24,7 @@ use nvmirror::testing::harness::same_log;
 use parking_lot::Mutex;
 
 fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .expect("bind")
-        .local_addr()
-        .expect("addr")
-        .port()
+    nvmirror::testing::harness::free_port().expect("a free port")
 }
 
 struct Ports {

@@ -82,11 +82,7 @@ print("data intact")
 }
 
 fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .expect("bind")
-        .local_addr()
-        .expect("addr")
-        .port()
+    nvmirror::testing::harness::free_port().expect("a free port")
 }
 
 fn node_with_config(dir: &std::path::Path, text: &str) -> (bool, String) {

@@ -59,15 +59,25 @@ pub struct PairHarness {
     pub nodes: [NodeProcess; 2],
 }
 
-fn free_port() -> Result<u16> {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").map_err(|source| Error::Listen {
+/// A port free now, below Linux's ephemeral range (32768 and up): a port
+/// the kernel picked for us could be handed out again, before a node
+/// listens on it, as the local port of any outgoing connection (the nodes
+/// of every test make many), and the node would then fail to start.
+pub fn free_port() -> Result<u16> {
+    use rand::Rng;
+    let mut rng = rand::thread_rng();
+    let mut last_error = None;
+    for _ in 0..200 {
+        let port = rng.gen_range(20_000..32_000);
+        match std::net::TcpListener::bind(("127.0.0.1", port)) {
+            Ok(_) => return Ok(port),
+            Err(error) => last_error = Some(error),
+        }
+    }
+    Err(Error::Listen {
         addr: SocketAddr::from(([127, 0, 0, 1], 0)),
-        source,
-    })?;
-    Ok(listener
-        .local_addr()
-        .expect("a bound listener has an address")
-        .port())
+        source: last_error.expect("tried at least once"),
+    })
 }
 
 fn io(what: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> Error {
@@ -350,11 +360,14 @@ impl NodeProcess {
                 .and_then(|c| c.try_wait().ok().flatten())
             {
                 self.child = None;
+                let log = std::fs::read_to_string(&self.log_path).unwrap_or_default();
+                let tail: Vec<&str> = log.lines().rev().take(20).collect();
                 return Err(Error::Harness {
                     reason: format!(
-                        "node {} exited with {status}; see {}",
+                        "node {} exited with {status}; the end of {}:\n{}",
                         self.node_id,
-                        self.log_path.display()
+                        self.log_path.display(),
+                        tail.into_iter().rev().collect::<Vec<_>>().join("\n")
                     ),
                 });
             }
