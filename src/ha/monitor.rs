@@ -132,17 +132,10 @@ impl HaNode {
             .as_ref()
             .is_some_and(|m| m.asks_takeover && m.state == Role::HandingOver.as_str());
         if asks_takeover && !self.holding_partner() && self.role() == Role::Serving {
-            match self.takeover(false, "asked by the partner after an unclean stop") {
-                Ok(message) => tracing::warn!(%message, "takeover asked by the partner"),
-                Err(error) => {
-                    let reason = error.to_string();
-                    let mut state = self.state.lock();
-                    if state.refusal.as_deref() != Some(reason.as_str()) {
-                        tracing::error!(%reason, "takeover asked by the partner refused");
-                    }
-                    state.refusal = Some(reason);
-                }
-            }
+            self.monitor_takeover(
+                "asked by the partner after an unclean stop",
+                "takeover asked by the partner",
+            );
         }
         if self.role() == Role::HandingOver {
             self.recover_if_the_partner_cannot_answer(partner_down, partner_mailbox.as_ref())?;
@@ -156,17 +149,10 @@ impl HaNode {
         {
             let theirs = ownership::read(aggregate, partner)?;
             if theirs.owner == partner && partner_mailbox.is_some() {
-                match self.takeover(false, "partner down: interconnect silent and mailbox stale") {
-                    Ok(message) => tracing::warn!(%message, "automatic takeover"),
-                    Err(error) => {
-                        let reason = error.to_string();
-                        let mut state = self.state.lock();
-                        if state.refusal.as_deref() != Some(reason.as_str()) {
-                            tracing::error!(%reason, "automatic takeover refused");
-                        }
-                        state.refusal = Some(reason);
-                    }
-                }
+                self.monitor_takeover(
+                    "partner down: interconnect silent and mailbox stale",
+                    "automatic takeover",
+                );
             }
         } else if !partner_down {
             self.state.lock().refusal = None;
@@ -264,6 +250,22 @@ impl HaNode {
              start: the NVRAM kept every write; recovering from it"
         );
         self.serve_own_volumes(&own, own.log_replayed)
+    }
+
+    /// A takeover the monitor decided on (`what`, for the log): a refusal
+    /// is kept for the status and logged once, not at every round.
+    fn monitor_takeover(self: &Arc<Self>, reason: &str, what: &str) {
+        match self.takeover(false, reason) {
+            Ok(message) => tracing::warn!(%message, "{what}"),
+            Err(error) => {
+                let refusal = error.to_string();
+                let mut state = self.state.lock();
+                if state.refusal.as_deref() != Some(refusal.as_str()) {
+                    tracing::error!(reason = %refusal, "{what} refused");
+                }
+                state.refusal = Some(refusal);
+            }
+        }
     }
 
     /// Raise the mailbox heartbeat. A node that cannot write its mailbox
