@@ -72,6 +72,46 @@ interval_ms = 200
     Config::parse(&text).expect("valid config")
 }
 
+/// A node in this process with no thread of its own: the test steps it
+/// (connector rounds, monitor ticks) and holds its interconnect events,
+/// which nothing handles unless the test does.
+fn node_by_hand(
+    config: &Config,
+    interconnect: Arc<dyn Interconnect>,
+    host_boot: String,
+) -> (
+    Arc<Node>,
+    Arc<HaNode>,
+    crossbeam_channel::Receiver<ControlEvent>,
+) {
+    let environment = Environment {
+        clock: Arc::new(SystemClock),
+        disks: Arc::new(FileDisks),
+        interconnect,
+        boot: random_boot_id(),
+        host_boot,
+    };
+    std::fs::create_dir_all(&config.data_dir).expect("data dir");
+    let region = Arc::new(
+        Region::open(
+            &config.nvram_path(),
+            config.node_id,
+            Geometry::new(config.nvram.half_size.0).expect("geometry"),
+        )
+        .expect("nvram"),
+    );
+    let (node, events) = Node::open(config.clone(), region, environment).expect("node");
+    let ha = HaNode::start(
+        node.clone(),
+        HaOptions {
+            replay: ReplayDriver::Caller,
+            partner_service: None,
+        },
+    )
+    .expect("HA");
+    (node, ha, events)
+}
+
 fn wait_for(what: &str, timeout: Duration, mut condition: impl FnMut() -> bool) {
     let deadline = Instant::now() + timeout;
     while !condition() {
@@ -294,34 +334,11 @@ fn in_sync_names_the_boot_of_the_partner_that_accepted_the_session() {
         // The partner's first start: no mailbox when node 1 looked.
         Box::new(move || *partner.lock() = Some(RunningNode::start(config2).expect("node 2")))
     };
-    let environment = Environment {
-        clock: Arc::new(SystemClock),
-        disks: Arc::new(FileDisks),
-        interconnect: Arc::new(DialAfter {
-            network: NetworkInterconnect::from_config(&config1).expect("interconnect"),
-            before_dial: Mutex::new(Some(before_dial)),
-        }),
-        boot: random_boot_id(),
-        host_boot: read_host_boot(),
-    };
-    std::fs::create_dir_all(&config1.data_dir).expect("data dir");
-    let region = Arc::new(
-        Region::open(
-            &config1.nvram_path(),
-            1,
-            Geometry::new(config1.nvram.half_size.0).expect("geometry"),
-        )
-        .expect("nvram"),
-    );
-    let (node, _events) = Node::open(config1.clone(), region, environment).expect("node 1");
-    let _ha = HaNode::start(
-        node.clone(),
-        HaOptions {
-            replay: ReplayDriver::Caller,
-            partner_service: None,
-        },
-    )
-    .expect("HA of node 1");
+    let interconnect = Arc::new(DialAfter {
+        network: NetworkInterconnect::from_config(&config1).expect("interconnect"),
+        before_dial: Mutex::new(Some(before_dial)),
+    });
+    let (node, _ha, _events) = node_by_hand(&config1, interconnect, read_host_boot());
     assert_eq!(node.mirror.connect_once(&node.log), Some(true));
     let aggregate = &config1.aggregate_dir;
     let partner_boot = nvmirror::storage::mailbox::read(aggregate, 2)
@@ -489,32 +506,9 @@ fn a_write_waiting_for_log_space_fails_when_its_volume_is_fenced() {
         nbd: [free_port(), free_port()],
     };
     let config = config(dir.path(), 1, &ports);
-    let environment = Environment {
-        clock: Arc::new(SystemClock),
-        disks: Arc::new(FileDisks),
-        interconnect: Arc::new(NetworkInterconnect::from_config(&config).expect("interconnect")),
-        boot: random_boot_id(),
-        host_boot: read_host_boot(),
-    };
-    std::fs::create_dir_all(&config.data_dir).expect("data dir");
-    let region = Arc::new(
-        Region::open(
-            &config.nvram_path(),
-            1,
-            Geometry::new(config.nvram.half_size.0).expect("geometry"),
-        )
-        .expect("nvram"),
-    );
     // No consistency-point thread: nothing frees the log.
-    let (node, _events) = Node::open(config, region, environment).expect("node");
-    let _ha = HaNode::start(
-        node.clone(),
-        HaOptions {
-            replay: ReplayDriver::Caller,
-            partner_service: None,
-        },
-    )
-    .expect("HA");
+    let interconnect = Arc::new(NetworkInterconnect::from_config(&config).expect("interconnect"));
+    let (node, _ha, _events) = node_by_hand(&config, interconnect, read_host_boot());
     let volume = node.volumes()[0].clone();
     let block = pattern(5, 4096);
     let mut offset = 0;
@@ -713,40 +707,17 @@ fn a_resync_does_not_declare_a_failed_session_in_sync() {
     let completions = Arc::new(Mutex::new(None));
     let (arrived_tx, arrived) = crossbeam_channel::bounded(1);
     let (go_on, go_on_rx) = crossbeam_channel::bounded(1);
-    let environment = Environment {
-        clock: Arc::new(SystemClock),
-        disks: Arc::new(FileDisks),
-        interconnect: Arc::new(FailOnRequest {
-            network: NetworkInterconnect::from_config(&config1).expect("interconnect"),
-            completions: completions.clone(),
-            first_post: Arc::new(Mutex::new(Some(FirstPost {
-                arrived: arrived_tx,
-                go_on: go_on_rx,
-            }))),
-        }),
-        boot: random_boot_id(),
-        host_boot: read_host_boot(),
-    };
-    std::fs::create_dir_all(&config1.data_dir).expect("data dir");
-    let region = Arc::new(
-        Region::open(
-            &config1.nvram_path(),
-            1,
-            Geometry::new(config1.nvram.half_size.0).expect("geometry"),
-        )
-        .expect("nvram"),
-    );
+    let interconnect = Arc::new(FailOnRequest {
+        network: NetworkInterconnect::from_config(&config1).expect("interconnect"),
+        completions: completions.clone(),
+        first_post: Arc::new(Mutex::new(Some(FirstPost {
+            arrived: arrived_tx,
+            go_on: go_on_rx,
+        }))),
+    });
     // The interconnect's events are never handled: the link stays as the
     // resync set it.
-    let (node, _events) = Node::open(config1, region, environment).expect("node 1");
-    let _ha = HaNode::start(
-        node.clone(),
-        HaOptions {
-            replay: ReplayDriver::Caller,
-            partner_service: None,
-        },
-    )
-    .expect("HA of node 1");
+    let (node, _ha, _events) = node_by_hand(&config1, interconnect, read_host_boot());
     let resync = {
         let node = node.clone();
         std::thread::spawn(move || node.mirror.connect_once(&node.log))
@@ -814,32 +785,13 @@ fn a_node_handing_over_after_a_machine_restart_waits_until_forced() {
     // crashes; the second must not take the unchanged machine boot for
     // proof that the log is whole (the first one never served from it).
     let start = |config: Config| {
-        let environment = Environment {
-            clock: Arc::new(SystemClock),
-            disks: Arc::new(FileDisks),
-            interconnect: Arc::new(
-                NetworkInterconnect::from_config(&config).expect("interconnect"),
-            ),
-            boot: random_boot_id(),
-            host_boot: "a later boot of this machine".to_owned(),
-        };
-        let region = Arc::new(
-            Region::open(
-                &config.nvram_path(),
-                1,
-                Geometry::new(config.nvram.half_size.0).expect("geometry"),
-            )
-            .expect("nvram"),
+        let interconnect =
+            Arc::new(NetworkInterconnect::from_config(&config).expect("interconnect"));
+        let (node, ha, _events) = node_by_hand(
+            &config,
+            interconnect,
+            "a later boot of this machine".to_owned(),
         );
-        let (node, _events) = Node::open(config, region, environment).expect("node 1 again");
-        let ha = HaNode::start(
-            node.clone(),
-            HaOptions {
-                replay: ReplayDriver::Caller,
-                partner_service: None,
-            },
-        )
-        .expect("HA of node 1");
         assert_eq!(ha.role(), nvmirror::ha::Role::HandingOver);
         assert!(node.mailbox.current().asks_takeover);
         assert!(
