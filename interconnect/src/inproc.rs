@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 use crossbeam_channel::Sender;
 
 use crate::control::{ControlEvent, ControlMessage, Direction};
-use crate::queue::{Completions, WriteId};
+use crate::transport::{Completions, WriteId};
 use crate::transport::{Transport, TransportLimits, WorkRequest};
 use crate::{Error, SharedMemory};
 

@@ -11,7 +11,9 @@
 //!   [`SendQueue::wait_placed`].
 //! - [`Transport`] (`transport.rs`): one-sided writes with in-order,
 //!   cumulative completions, plus control messages; shaped after RDMA
-//!   verbs.
+//!   verbs. It also holds [`WriteId`] and the [`Completions`] handle the
+//!   queue gives each transport, so that imports point one way:
+//!   queue -> transport.
 //! - [`tcp`]: the TCP transport ([`tcp::TcpSender`] dials,
 //!   [`tcp::MirrorReceiver`] accepts and applies), framed, checksummed,
 //!   authenticated ([`auth`]).
@@ -49,10 +51,10 @@ pub use auth::PresharedKey;
 pub use control::{decode_control, ControlEvent, ControlMessage, Direction, FailureDetector};
 pub use error::{Error, QueueError, RdmaError, RefuseReason};
 pub use memory::SharedMemory;
-pub use queue::{Completions, MirrorWrite, Reservation, SendQueue, WriteId};
+pub use queue::{MirrorWrite, Reservation, SendQueue};
 #[cfg(feature = "rdma")]
 pub use rdma::{RdmaConfig, RdmaReceiver, RdmaSender};
 pub use session::SessionTimers;
 pub use tcp::wire::decode_frame;
 pub use tcp::{MirrorReceiver, ReceiverStats, TcpConfig, TcpSender};
-pub use transport::{Transport, TransportLimits, WorkRequest};
+pub use transport::{Completions, Transport, TransportLimits, WorkRequest, WriteId};

@@ -30,34 +30,10 @@ use std::time::{Duration, Instant};
 
 use crate::control::ControlMessage;
 use crate::sync::{lock, wait, wait_timeout, Condvar, Mutex, MutexGuard};
-use crate::transport::{Transport, TransportLimits, WorkRequest};
+use crate::transport::{
+    CompletionSink, Completions, Transport, TransportLimits, WorkRequest, WriteId,
+};
 use crate::{Error, QueueError};
-
-/// Names one work request, dense and in post order (the first is 1). The
-/// `WriteId` returned by a post names the last work request of that post.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
-pub struct WriteId(u64);
-
-impl WriteId {
-    /// "No write": every queue has placed it.
-    pub const NONE: WriteId = WriteId(0);
-
-    /// Wraps a raw id (for transports decoding acknowledgements).
-    pub const fn new(id: u64) -> Self {
-        Self(id)
-    }
-
-    /// The raw id.
-    pub const fn get(self) -> u64 {
-        self.0
-    }
-}
-
-impl fmt::Display for WriteId {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        self.0.fmt(f)
-    }
-}
 
 /// A write to mirror: `len_bytes` at `src_offset` of the local log memory
 /// go to `dst_offset` of the partner's mirror.
@@ -316,34 +292,15 @@ impl Shared {
     }
 }
 
-/// The queue's completion handle, given to the transport by
-/// [`Transport::attach`]. The transport's own thread (a CQ poller, a socket
-/// reader) calls it. It is bound to one session: calls after that session
-/// failed or was replaced are ignored.
-#[derive(Clone)]
-pub struct Completions {
+/// The queue's side of one session's [`Completions`]: calls after that
+/// session failed or was replaced are ignored.
+struct SessionCompletions {
     shared: Arc<Shared>,
     generation: u64,
 }
 
-impl fmt::Debug for Completions {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Completions")
-            .field("generation", &self.generation)
-            .finish_non_exhaustive()
-    }
-}
-
-impl Completions {
-    /// Every work request up to and including `id` is placed in the
-    /// partner's mirror. Cumulative: an `id` at or below an earlier one is a
-    /// no-op.
-    ///
-    /// # Panics
-    ///
-    /// If `id` was never posted on this session: a transport must validate
-    /// what its peer acknowledges before calling this.
-    pub fn placed_through(&self, id: WriteId) {
+impl CompletionSink for SessionCompletions {
+    fn placed_through(&self, id: WriteId) {
         let mut state = lock(&self.shared.state);
         if state.generation != self.generation || state.failure.is_some() {
             return;
@@ -367,11 +324,19 @@ impl Completions {
         self.shared.notify_all();
     }
 
-    /// The connection failed: reclaim the slots in flight, error every
-    /// waiter. Only the first failure of a session counts.
-    pub fn failed(&self, error: impl Into<Arc<Error>>) {
-        self.shared.fail(self.generation, error.into());
+    fn failed(&self, error: Arc<Error>) {
+        self.shared.fail(self.generation, error);
     }
+}
+
+fn session_completions(shared: &Arc<Shared>, generation: u64) -> Completions {
+    Completions::new(
+        Arc::new(SessionCompletions {
+            shared: Arc::clone(shared),
+            generation,
+        }),
+        generation,
+    )
 }
 
 /// Slots promised to one writer; consumed by posts, the rest given back when
@@ -449,7 +414,7 @@ impl Reservation {
                 session = state.session,
                 "write posted while disconnected: lost"
             );
-            return WriteId(last);
+            return WriteId::new(last);
         }
         for id in first..=last {
             let slot = state.slots.occupy(id);
@@ -464,7 +429,7 @@ impl Reservation {
         for id in first..=last {
             let len = max_len.min(write.len_bytes - done);
             transport.post_write(WorkRequest {
-                id: WriteId(id),
+                id: WriteId::new(id),
                 src_offset: write.src_offset + done,
                 dst_offset: write.dst_offset + done,
                 len_bytes: u32::try_from(len).expect("bounded by max_write_len_bytes"),
@@ -472,7 +437,7 @@ impl Reservation {
             done += len;
         }
         assert_eq!(done, write.len_bytes);
-        WriteId(last)
+        WriteId::new(last)
     }
 }
 
@@ -554,10 +519,7 @@ impl SendQueue {
             slot_freed: Condvar::new(),
             placed_advanced: Condvar::new(),
         });
-        transport.attach(Completions {
-            shared: Arc::clone(&shared),
-            generation: 0,
-        });
+        transport.attach(session_completions(&shared, 0));
         tracing::info!(session, slots, "send queue ready");
         Ok(Self { shared })
     }
@@ -610,10 +572,7 @@ impl SendQueue {
         drop(state);
         self.shared.notify_all();
         old.close();
-        transport.attach(Completions {
-            shared: Arc::clone(&self.shared),
-            generation,
-        });
+        transport.attach(session_completions(&self.shared, generation));
         tracing::info!(
             old_session,
             session = transport.session(),
@@ -671,14 +630,14 @@ impl SendQueue {
 
     /// The last `WriteId` handed out.
     pub fn posted(&self) -> WriteId {
-        WriteId(lock(&self.shared.state).next_id - 1)
+        WriteId::new(lock(&self.shared.state).next_id - 1)
     }
 
     /// Every write up to this id is resolved: placed, or reported lost by
     /// `wait_placed`. While the session is healthy and no write was ever
     /// lost, that is "placed".
     pub fn placed(&self) -> WriteId {
-        WriteId(lock(&self.shared.state).resolved_through)
+        WriteId::new(lock(&self.shared.state).resolved_through)
     }
 
     /// The limits the queue was built for.
@@ -797,13 +756,13 @@ impl SendQueue {
     ) -> Result<(), Error> {
         let mut state: MutexGuard<'_, State> = lock(&self.shared.state);
         assert!(
-            id.0 < state.next_id,
+            id.get() < state.next_id,
             "waiting for write {id}, which was never posted (last posted: {})",
             state.next_id - 1
         );
         loop {
-            if id.0 <= state.resolved_through {
-                return state.outcome(id.0);
+            if id.get() <= state.resolved_through {
+                return state.outcome(id.get());
             }
             state = match deadline {
                 None => wait(&self.shared.placed_advanced, state),
@@ -811,7 +770,7 @@ impl SendQueue {
                     let waited = started.elapsed();
                     if waited >= timeout {
                         return Err(QueueError::PlacedTimedOut {
-                            id: id.0,
+                            id: id.get(),
                             waited_ms: waited.as_millis() as u64,
                         }
                         .into());
@@ -1312,7 +1271,7 @@ mod loom_tests {
             while completed < 2 {
                 let posted = transport.last_posted();
                 if posted > completed {
-                    completions.placed_through(WriteId(posted));
+                    completions.placed_through(WriteId::new(posted));
                     completed = posted;
                 } else {
                     thread::yield_now();
@@ -1324,7 +1283,7 @@ mod loom_tests {
                 queue.wait_placed(id).unwrap();
             }
             assert_eq!(queue.free_slots(), 1);
-            assert_eq!(queue.placed(), WriteId(2));
+            assert_eq!(queue.placed(), WriteId::new(2));
         });
     }
 

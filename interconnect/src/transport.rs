@@ -9,10 +9,85 @@
 //! `Completions`.
 
 use std::fmt;
+use std::sync::Arc;
 
 use crate::control::ControlMessage;
-use crate::queue::{Completions, WriteId};
 use crate::Error;
+
+/// Names one work request, dense and in post order (the first is 1). The
+/// `WriteId` returned by a post names the last work request of that post.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
+pub struct WriteId(u64);
+
+impl WriteId {
+    /// "No write": every queue has placed it.
+    pub const NONE: WriteId = WriteId(0);
+
+    /// Wraps a raw id (for transports decoding acknowledgements).
+    pub const fn new(id: u64) -> Self {
+        Self(id)
+    }
+
+    /// The raw id.
+    pub const fn get(self) -> u64 {
+        self.0
+    }
+}
+
+impl fmt::Display for WriteId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+/// The queue's completion handle, given to the transport by
+/// [`Transport::attach`]. The transport's own thread (a CQ poller, a socket
+/// reader) calls it. It is bound to one session: calls after that session
+/// failed or was replaced are ignored.
+#[derive(Clone)]
+pub struct Completions {
+    sink: Arc<dyn CompletionSink>,
+    session: u64,
+}
+
+/// What the send queue does with a session's completions; implemented by
+/// the queue, so that this module does not depend on it.
+pub(crate) trait CompletionSink: Send + Sync {
+    fn placed_through(&self, id: WriteId);
+    fn failed(&self, error: Arc<Error>);
+}
+
+impl fmt::Debug for Completions {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Completions")
+            .field("session", &self.session)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Completions {
+    pub(crate) fn new(sink: Arc<dyn CompletionSink>, session: u64) -> Self {
+        Self { sink, session }
+    }
+
+    /// Every work request up to and including `id` is placed in the
+    /// partner's mirror. Cumulative: an `id` at or below an earlier one is a
+    /// no-op.
+    ///
+    /// # Panics
+    ///
+    /// If `id` was never posted on this session: a transport must validate
+    /// what its peer acknowledges before calling this.
+    pub fn placed_through(&self, id: WriteId) {
+        self.sink.placed_through(id);
+    }
+
+    /// The connection failed: reclaim the slots in flight, error every
+    /// waiter. Only the first failure of a session counts.
+    pub fn failed(&self, error: impl Into<Arc<Error>>) {
+        self.sink.failed(error.into());
+    }
+}
 
 /// One write in flight: copy `len_bytes` at `src_offset` of the local log
 /// to `dst_offset` of the partner's mirror. Occupies one send-queue slot

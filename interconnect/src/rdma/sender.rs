@@ -40,8 +40,8 @@ use super::{
 use crate::auth::{proof, random_bytes, verify_proof};
 use crate::control::{decode_control, ControlEvent, ControlMessage, Direction, FailureDetector};
 use crate::pacing::SendWindow;
-use crate::queue::{Completions, WriteId};
 use crate::tcp::wire::{HandshakeStatus, NONCE_LEN};
+use crate::transport::{Completions, WriteId};
 use crate::transport::{SessionLink, Transport, TransportLimits, WorkRequest};
 use crate::{Error, RdmaError, RefuseReason, SharedMemory};
 

@@ -14,7 +14,7 @@ use super::wire::{begin_frame, encode_frame, finish_frame, FrameKind};
 use super::TcpConfig;
 use crate::auth::dial_handshake;
 use crate::control::{decode_control, ControlEvent, ControlMessage, Direction, FailureDetector};
-use crate::queue::{Completions, WriteId};
+use crate::transport::{Completions, WriteId};
 use crate::transport::{SessionLink, Transport, TransportLimits, WorkRequest};
 use crate::{Error, SharedMemory};
 
