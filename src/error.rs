@@ -140,11 +140,6 @@ pub enum Error {
         errno: nix::errno::Errno,
     },
 
-    /// A drill or the pair harness found the pair misbehaving (never
-    /// returned by the node itself).
-    #[error("{reason}")]
-    Harness { reason: String },
-
     #[error("cannot listen on {addr}")]
     Listen {
         addr: std::net::SocketAddr,

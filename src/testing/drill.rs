@@ -23,7 +23,8 @@ use nix::sys::signal::Signal;
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
 
-use crate::error::{Error, Result};
+use super::{Error, Result};
+use crate::error::Error as NodeError;
 use crate::ha::Role;
 use crate::testing::harness::{PairHarness, PairSpec};
 use crate::testing::workload::{self, block_pattern, Ledger, BLOCK_BYTES};
@@ -102,7 +103,7 @@ fn volume_of(node: u32) -> &'static str {
 }
 
 fn failed(reason: impl Into<String>) -> Error {
-    Error::Harness {
+    Error::Misbehaving {
         reason: reason.into(),
     }
 }
@@ -239,7 +240,7 @@ fn start_pair(
     })?;
     // Volume names are unique across the pair.
     let path = pair.node(2).config_path.clone();
-    let text = std::fs::read_to_string(&path).map_err(|source| Error::Io {
+    let text = std::fs::read_to_string(&path).map_err(|source| NodeError::Io {
         what: "reading a node config",
         path: path.clone(),
         source,

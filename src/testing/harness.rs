@@ -7,8 +7,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use super::{Error, Result};
 use crate::admin::render::parse_status;
-use crate::error::{Error, Result};
+use crate::error::Error as NodeError;
 use crate::ha::status::Status;
 use crate::storage::mailbox::{self, MailboxState};
 
@@ -74,15 +75,16 @@ pub fn free_port() -> Result<u16> {
             Err(error) => last_error = Some(error),
         }
     }
-    Err(Error::Listen {
+    Err(NodeError::Listen {
         addr: SocketAddr::from(([127, 0, 0, 1], 0)),
         source: last_error.expect("tried at least once"),
-    })
+    }
+    .into())
 }
 
 fn io(what: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> Error {
     let path = path.to_owned();
-    move |source| Error::Io { what, path, source }
+    move |source| NodeError::Io { what, path, source }.into()
 }
 
 impl PairHarness {
@@ -156,7 +158,7 @@ impl PairHarness {
 
     /// What node `node_id`'s mailbox says, if it wrote one.
     pub fn mailbox(&self, node_id: u32) -> Result<Option<MailboxState>> {
-        mailbox::read(&self.aggregate(), node_id)
+        Ok(mailbox::read(&self.aggregate(), node_id)?)
     }
 
     pub fn in_sync(&self, node_id: u32) -> bool {
@@ -191,7 +193,7 @@ impl PairHarness {
                 )
             };
             if now.duration_since(progress_at) > timeout {
-                return Err(Error::Harness {
+                return Err(Error::Misbehaving {
                     reason: format!(
                         "node {node_id} did not mirror in sync: no resync got further for {timeout:?} \
                          (waited {:?}; resync: {})",
@@ -282,22 +284,22 @@ impl NodeProcess {
     pub fn status(&self) -> Result<Status> {
         let (code, body) =
             crate::admin::request(self.admin, "GET", "/status", Duration::from_secs(10)).map_err(
-                |error| Error::Harness {
+                |error| Error::Misbehaving {
                     reason: error.to_string(),
                 },
             )?;
         if code != 200 {
-            return Err(Error::Harness {
+            return Err(Error::Misbehaving {
                 reason: format!("node {} status: HTTP {code}: {body}", self.node_id),
             });
         }
-        parse_status(&body).map_err(|reason| Error::Harness { reason })
+        parse_status(&body).map_err(|reason| Error::Misbehaving { reason })
     }
 
     /// POST an admin action; returns (HTTP status, body).
     pub fn admin_post(&self, path: &str) -> Result<(u16, String)> {
         crate::admin::request(self.admin, "POST", path, Duration::from_secs(120)).map_err(|error| {
-            Error::Harness {
+            Error::Misbehaving {
                 reason: error.to_string(),
             }
         })
@@ -305,11 +307,11 @@ impl NodeProcess {
 
     /// Send a signal (SIGSTOP, SIGCONT) to the running node.
     pub fn signal(&self, signal: nix::sys::signal::Signal) -> Result<()> {
-        let pid = self.pid().ok_or_else(|| Error::Harness {
+        let pid = self.pid().ok_or_else(|| Error::Misbehaving {
             reason: format!("node {} is not running", self.node_id),
         })?;
         nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), signal).map_err(|errno| {
-            Error::Harness {
+            Error::Misbehaving {
                 reason: format!("signalling node {}: {errno}", self.node_id),
             }
         })
@@ -362,7 +364,7 @@ impl NodeProcess {
                 self.child = None;
                 let log = std::fs::read_to_string(&self.log_path).unwrap_or_default();
                 let tail: Vec<&str> = log.lines().rev().take(20).collect();
-                return Err(Error::Harness {
+                return Err(Error::Misbehaving {
                     reason: format!(
                         "node {} exited with {status}; the end of {}:\n{}",
                         self.node_id,
@@ -377,7 +379,7 @@ impl NodeProcess {
                 return Ok(());
             }
             if Instant::now() > deadline {
-                return Err(Error::Harness {
+                return Err(Error::Misbehaving {
                     reason: format!(
                         "node {} did not open its admin endpoint within {timeout:?}",
                         self.node_id
@@ -407,7 +409,7 @@ impl NodeProcess {
     /// SIGTERM, and wait for the clean shutdown.
     pub fn stop(&mut self, timeout: Duration) -> Result<std::process::ExitStatus> {
         let Some(mut child) = self.child.take() else {
-            return Err(Error::Harness {
+            return Err(Error::Misbehaving {
                 reason: format!("node {} is not running", self.node_id),
             });
         };
@@ -421,7 +423,7 @@ impl NodeProcess {
             if Instant::now() > deadline {
                 let _ = child.kill();
                 let _ = child.wait();
-                return Err(Error::Harness {
+                return Err(Error::Misbehaving {
                     reason: format!(
                         "node {} did not stop within {timeout:?} of SIGTERM",
                         self.node_id

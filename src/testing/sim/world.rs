@@ -71,7 +71,7 @@ pub(super) struct World {
 }
 
 impl World {
-    pub(super) fn new(options: &SimOptions) -> crate::Result<World> {
+    pub(super) fn new(options: &SimOptions) -> crate::testing::Result<World> {
         let base = if std::path::Path::new("/dev/shm").is_dir() {
             std::path::PathBuf::from("/dev/shm")
         } else {
@@ -91,7 +91,7 @@ impl World {
             std::time::Duration::from_millis(HEARTBEAT_TIMEOUT_MS),
         );
         let shelf = Shelf::new(&dir.path().join("aggregate"));
-        let geometry = Geometry::new(HALF_BYTES)?;
+        let geometry = Geometry::new(HALF_BYTES).map_err(Error::from)?;
         let mut rng = SplitMix64::new(options.seed);
         let durability = if rng.chance(50) {
             Durability::Persist
@@ -144,7 +144,7 @@ impl World {
         for index in 0..2 {
             world
                 .start_node(index)
-                .map_err(|violation| Error::Harness { reason: violation })?;
+                .map_err(|violation| crate::testing::Error::Misbehaving { reason: violation })?;
         }
         Ok(world)
     }
