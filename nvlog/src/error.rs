@@ -131,6 +131,9 @@ pub enum StopReason {
     },
     /// No room for another record header in the half.
     EndOfHalf,
+    /// The record runs past the end of the window scanned
+    /// ([`Scanner::resume`](crate::Scanner::resume)): not an end of the log.
+    EndOfWindow,
 }
 
 impl fmt::Display for StopReason {
@@ -161,6 +164,7 @@ impl fmt::Display for StopReason {
                 write!(f, "LSN gap: found {found}, expected {expected}")
             }
             StopReason::EndOfHalf => write!(f, "end of half"),
+            StopReason::EndOfWindow => write!(f, "end of the bytes scanned so far"),
         }
     }
 }

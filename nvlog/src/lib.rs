@@ -27,4 +27,4 @@ pub use header::{HalfState, LogHeader};
 pub use log::{Appended, HalfStatus, HeaderUpdate, Log, LogStatus, Recovery, Reservation};
 pub use record::{RecordData, RecordHeader, RecordKind};
 pub use region::{Area, Geometry, PersistMode, Region};
-pub use scan::{ScanStop, ScannedRecord, Scanner, StopReason};
+pub use scan::{ScanPosition, ScanStop, ScannedRecord, Scanner, StopReason};

@@ -54,6 +54,16 @@ pub struct ScanStop {
     pub reason: StopReason,
 }
 
+/// Where a scan stands: the next record is expected at `offset_in_half` of
+/// `half`, with LSN `expected_lsn`. A scan can resume there later, over a
+/// window of the log instead of a whole image ([`Scanner::resume`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ScanPosition {
+    pub half: usize,
+    pub offset_in_half: u64,
+    pub expected_lsn: u64,
+}
+
 /// A valid record found by the scanner, borrowing its payload from the image.
 #[derive(Debug, Clone, Copy)]
 pub struct ScannedRecord<'a> {
@@ -67,7 +77,10 @@ pub struct ScannedRecord<'a> {
 /// for what it accepts.
 #[derive(Debug)]
 pub struct Scanner<'a> {
+    /// The bytes scanned: a whole log image, or a window of one.
     image: &'a [u8],
+    /// Log-relative offset of `image[0]` (0 for a whole image).
+    window_start: u64,
     header: Option<LogHeader>,
     /// Live halves still to scan, oldest first.
     plan: Vec<usize>,
@@ -109,6 +122,7 @@ impl<'a> Scanner<'a> {
         };
         Ok(Scanner {
             image,
+            window_start: 0,
             header,
             plan,
             plan_index: 0,
@@ -116,6 +130,50 @@ impl<'a> Scanner<'a> {
             expected_lsn,
             last_lsn: None,
             stop: None,
+        })
+    }
+
+    /// Resume a scan at `at`, following `header`, over `window`: the bytes
+    /// of the log from log-relative offset `window_start` on. The scan
+    /// stops with [`StopReason::EndOfWindow`] where a record runs past the
+    /// window (the caller reads further and resumes at
+    /// [`position`](Self::position)); otherwise it decides exactly as a scan
+    /// of the whole image would from that position. `None` if `at.half` is
+    /// not a live half of `header` or the window lies outside the log.
+    pub fn resume(
+        header: LogHeader,
+        at: ScanPosition,
+        window: &'a [u8],
+        window_start: u64,
+    ) -> Option<Scanner<'a>> {
+        let log_len = LOG_HEADER_BYTES + 2 * header.half_len;
+        let window_end = window_start.checked_add(window.len() as u64)?;
+        if window_end > log_len || at.offset_in_half > header.half_len {
+            return None;
+        }
+        let plan = header.live_halves();
+        let plan_index = plan.iter().position(|&half| half == at.half)?;
+        Some(Scanner {
+            image: window,
+            window_start,
+            header: Some(header),
+            plan,
+            plan_index,
+            offset_in_half: at.offset_in_half,
+            expected_lsn: at.expected_lsn,
+            last_lsn: None,
+            stop: None,
+        })
+    }
+
+    /// Where the next record is expected: after the scan stopped, where a
+    /// later scan of more bytes resumes. `None` for a blank image.
+    pub fn position(&self) -> Option<ScanPosition> {
+        let &half = self.plan.get(self.plan_index)?;
+        Some(ScanPosition {
+            half,
+            offset_in_half: self.offset_in_half,
+            expected_lsn: self.expected_lsn,
         })
     }
 
@@ -151,8 +209,15 @@ impl<'a> Scanner<'a> {
         if remaining < RECORD_HEADER_BYTES as u64 {
             return Err(StopReason::EndOfHalf);
         }
-        let at = (half_start + self.offset_in_half) as usize;
-        let bytes: &[u8; RECORD_HEADER_BYTES] = self.image[at..at + RECORD_HEADER_BYTES]
+        let at = half_start + self.offset_in_half;
+        // Index into the window of the record's first byte.
+        let in_window = at
+            .checked_sub(self.window_start)
+            .map(|offset| offset as usize)
+            .filter(|&offset| offset + RECORD_HEADER_BYTES <= self.image.len())
+            .ok_or(StopReason::EndOfWindow)?;
+        let bytes: &[u8; RECORD_HEADER_BYTES] = self.image
+            [in_window..in_window + RECORD_HEADER_BYTES]
             .try_into()
             .expect("header size");
         let record = decode_header(bytes)?;
@@ -177,11 +242,14 @@ impl<'a> Scanner<'a> {
         if record.encoded_len() as u64 > remaining {
             return Err(StopReason::BadLength);
         }
-        let body = at + RECORD_HEADER_BYTES..at + record.encoded_len();
+        if in_window + record.encoded_len() > self.image.len() {
+            return Err(StopReason::EndOfWindow);
+        }
+        let body = in_window + RECORD_HEADER_BYTES..in_window + record.encoded_len();
         if !body_matches(&record, &self.image[body]) {
             return Err(StopReason::PayloadCrc);
         }
-        Ok((record, at as u64))
+        Ok((record, at))
     }
 }
 
@@ -213,7 +281,8 @@ impl<'a> Iterator for Scanner<'a> {
                     if record.lsn <= header.flushed_lsn {
                         continue;
                     }
-                    let payload_at = log_offset as usize + RECORD_HEADER_BYTES;
+                    let payload_at =
+                        (log_offset - self.window_start) as usize + RECORD_HEADER_BYTES;
                     return Some(ScannedRecord {
                         header: record,
                         log_offset,
@@ -221,26 +290,27 @@ impl<'a> Iterator for Scanner<'a> {
                     });
                 }
                 Err(reason) => {
-                    // Does the log go on in the next live half?
+                    // Does the log go on in the next live half? (Past the
+                    // end of a window, more bytes would decide: a later scan
+                    // resumes here.)
                     let next = self.plan.get(self.plan_index + 1).copied();
-                    match next {
-                        Some(next_half)
-                            if header.halves[next_half].first_lsn == self.expected_lsn =>
-                        {
-                            self.plan_index += 1;
-                            self.offset_in_half = 0;
-                        }
-                        _ => {
-                            self.stop = Some(ScanStop {
-                                half,
-                                offset: LOG_HEADER_BYTES
-                                    + half as u64 * header.half_len
-                                    + self.offset_in_half,
-                                expected_lsn: self.expected_lsn,
-                                reason,
-                            });
-                            return None;
-                        }
+                    let goes_on = reason != StopReason::EndOfWindow
+                        && next.is_some_and(|next_half| {
+                            header.halves[next_half].first_lsn == self.expected_lsn
+                        });
+                    if goes_on {
+                        self.plan_index += 1;
+                        self.offset_in_half = 0;
+                    } else {
+                        self.stop = Some(ScanStop {
+                            half,
+                            offset: LOG_HEADER_BYTES
+                                + half as u64 * header.half_len
+                                + self.offset_in_half,
+                            expected_lsn: self.expected_lsn,
+                            reason,
+                        });
+                        return None;
                     }
                 }
             }
