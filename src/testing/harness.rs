@@ -64,12 +64,21 @@ pub struct PairHarness {
 /// the kernel picked for us could be handed out again, before a node
 /// listens on it, as the local port of any outgoing connection (the nodes
 /// of every test make many), and the node would then fail to start.
+///
+/// The port stays reserved for this process until it exits, by an
+/// exclusive lock on a file named after it: a pair's port is free while
+/// its node is killed or restarting, and another test (in this process or
+/// another, such as `nvmirror drill`) must not take it then (CI saw the
+/// drill's client reach another test's NBD server on its victim's port).
 pub fn free_port() -> Result<u16> {
     use rand::Rng;
     let mut rng = rand::thread_rng();
     let mut last_error = None;
     for _ in 0..200 {
         let port = rng.gen_range(20_000..32_000);
+        if !reserve_port(port) {
+            continue;
+        }
         match std::net::TcpListener::bind(("127.0.0.1", port)) {
             Ok(_) => return Ok(port),
             Err(error) => last_error = Some(error),
@@ -77,9 +86,31 @@ pub fn free_port() -> Result<u16> {
     }
     Err(NodeError::Listen {
         addr: SocketAddr::from(([127, 0, 0, 1], 0)),
-        source: last_error.expect("tried at least once"),
+        source: last_error
+            .unwrap_or_else(|| std::io::Error::other("every port tried is reserved by a test")),
     }
     .into())
+}
+
+/// Lock the reservation file of `port` for the rest of this process;
+/// false if another reservation holds it.
+fn reserve_port(port: u16) -> bool {
+    static HELD: std::sync::Mutex<Vec<nix::fcntl::Flock<std::fs::File>>> =
+        std::sync::Mutex::new(Vec::new());
+    let dir = std::env::temp_dir().join("nvmirror-test-ports");
+    if std::fs::create_dir_all(&dir).is_err() {
+        return true; // No reservations possible: the bind check alone.
+    }
+    let Ok(file) = std::fs::File::create(dir.join(port.to_string())) else {
+        return true;
+    };
+    match nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusiveNonblock) {
+        Ok(lock) => {
+            HELD.lock().unwrap_or_else(|e| e.into_inner()).push(lock);
+            true
+        }
+        Err(_) => false,
+    }
 }
 
 fn io(what: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> Error {
