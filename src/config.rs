@@ -37,6 +37,7 @@
 //! auto_takeover = true
 //! auto_giveback_delay_ms = 30000      # absent: giveback only by `nvmirror giveback`
 //! hook = "/etc/nvmirror/move-ip.sh"   # run on takeover and giveback
+//! warm_index_interval_ms = 20         # index the partner's mirror this often; 0: off
 //! ```
 
 use std::io::Read;
@@ -184,6 +185,11 @@ pub struct HaConfig {
     /// disks to the clients; absent: as fast as the disks go.
     #[serde(default)]
     pub replay_max_bytes_per_s: Option<ByteSize>,
+    /// How often the warm index of the partner's mirror takes in what
+    /// landed since its last pass (a takeover scans only the rest); 0 turns
+    /// it off, and a takeover scans the whole mirror.
+    #[serde(default = "default_warm_index_interval_ms")]
+    pub warm_index_interval_ms: u64,
 }
 
 impl Default for HaConfig {
@@ -196,6 +202,7 @@ impl Default for HaConfig {
             auto_giveback_delay_ms: None,
             hook: None,
             replay_max_bytes_per_s: None,
+            warm_index_interval_ms: default_warm_index_interval_ms(),
         }
     }
 }
@@ -298,6 +305,12 @@ fn default_mailbox_interval_ms() -> u64 {
 fn default_mailbox_timeout_ms() -> u64 {
     2000
 }
+fn default_warm_index_interval_ms() -> u64 {
+    20
+}
+/// A pass less often than this would leave the index too far behind to
+/// matter; more likely a unit mistake (seconds for milliseconds).
+const WARM_INDEX_INTERVAL_MAX_MS: u64 = 60_000;
 fn default_auto_takeover() -> bool {
     true
 }
@@ -432,6 +445,14 @@ impl Config {
             .map_err(|error| invalid(key_field, error.to_string()))?;
         if self.consistency_point.interval_ms == 0 {
             return Err(invalid("consistency_point.interval_ms", "must be positive"));
+        }
+        if self.ha.warm_index_interval_ms > WARM_INDEX_INTERVAL_MAX_MS {
+            return Err(invalid(
+                "ha.warm_index_interval_ms",
+                format!(
+                    "must be at most {WARM_INDEX_INTERVAL_MAX_MS} (0 turns the warm index off)"
+                ),
+            ));
         }
         if !(1..=100).contains(&self.consistency_point.threshold_percent) {
             return Err(invalid(

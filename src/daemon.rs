@@ -70,9 +70,10 @@ impl RunningNode {
             HaOptions {
                 replay: ReplayDriver::Thread,
                 partner_service: Some(Arc::new(NbdPartnerService::default())),
+                verify_warm_index: false,
             },
         )?;
-        let threads = vec![
+        let mut threads = vec![
             spawn("cp", {
                 let node = node.clone();
                 move || node.run_consistency_points()
@@ -90,6 +91,13 @@ impl RunningNode {
                 move || ha.run_monitor()
             }),
         ];
+        let warm_interval_ms = node.config.ha.warm_index_interval_ms;
+        if warm_interval_ms > 0 {
+            threads.push(spawn("warm-index", {
+                let ha = ha.clone();
+                move || ha.run_warm_index(std::time::Duration::from_millis(warm_interval_ms))
+            }));
+        }
         tracing::info!(
             node_id = node.config.node_id,
             volumes = node.volumes().len(),

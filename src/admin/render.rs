@@ -17,6 +17,7 @@ use crate::ha::status::Status;
 ///   vol0  node 1's  owner 1  epoch 0  served here  dirty 0 B  1.0 MiB
 /// log: 3.2% of half 0 used; next LSN 10, flushed 4, persisted 9
 /// replay: idle
+/// warm index: 120 records (508.0 KiB) of node 2's log; 3 behind at the last pass
 /// last takeover: none
 /// ```
 ///
@@ -156,6 +157,16 @@ pub fn render_status(status: &Status) -> String {
         out.push_str("replay: idle\n");
     }
 
+    let warm = &status.warm_index;
+    let _ = writeln!(
+        out,
+        "warm index: {} records ({}) of node {}'s log; {} behind at the last pass",
+        warm.records,
+        human_bytes(warm.bytes),
+        status.partner.node_id,
+        warm.lag_records
+    );
+
     match &status.last_takeover {
         None => out.push_str("last takeover: none\n"),
         Some(last) => {
@@ -169,6 +180,11 @@ pub fn render_status(status: &Status) -> String {
             );
             if last.forced {
                 out.push_str(" (forced)");
+            }
+            if last.cold {
+                out.push_str(", whole mirror scanned");
+            } else {
+                let _ = write!(out, ", {} records scanned at takeover", last.tail_records);
             }
             out.push('\n');
         }
@@ -334,6 +350,7 @@ volumes:
   database  node 2's  owner 2  epoch 12  not served   dirty 1.5 KiB  10.0 GiB
 log: 3.2% of half 0 used; next LSN 10, flushed 4, persisted 9
 replay: idle
+warm index: 120 records (508.0 KiB) of node 2's log; 3 behind at the last pass
 last takeover: none
 ";
         assert_eq!(text, expected, "\n{text}");
@@ -400,6 +417,9 @@ last takeover: none
             first_read_ms: Some(130),
             replay_ms: Some(3400),
             forced: true,
+            tail_records: 7,
+            tail_bytes: 28_672,
+            cold: false,
         });
         let text = render_status(&status);
         assert!(
@@ -416,7 +436,7 @@ last takeover: none
             text.contains("\nreplay: 25.0% (1.0 KiB of 4.0 KiB)\n"),
             "{text}"
         );
-        assert!(text.contains("\nlast takeover: 2024-05-01 12:00:00 UTC, resumed in 120 ms, replay 3.4 s (forced)\n"), "{text}");
+        assert!(text.contains("\nlast takeover: 2024-05-01 12:00:00 UTC, resumed in 120 ms, replay 3.4 s (forced), 7 records scanned at takeover\n"), "{text}");
     }
 
     #[test]

@@ -52,6 +52,7 @@ pub mod monitor;
 pub mod replay;
 pub mod status;
 pub mod takeover;
+pub mod warm_index;
 
 use std::fmt::Debug;
 use std::net::SocketAddr;
@@ -127,6 +128,10 @@ pub enum ReplayDriver {
 pub struct HaOptions {
     pub replay: ReplayDriver,
     pub partner_service: Option<Arc<dyn PartnerService>>,
+    /// At every takeover, also scan the whole mirror the way recovery does
+    /// and assert that the warm index's maps are the same (a full scan's
+    /// cost: for the simulation and tests).
+    pub verify_warm_index: bool,
 }
 
 /// The partner's volumes, held after a takeover.
@@ -147,6 +152,11 @@ struct TakeoverTimes {
     first_read_ms: Option<u64>,
     replay_ms: Option<u64>,
     forced: bool,
+    /// What the takeover scanned itself: the warm index's lag.
+    tail_records: u64,
+    tail_bytes: u64,
+    /// The warm index could not be used: the whole mirror was scanned.
+    cold: bool,
 }
 
 #[derive(Debug)]
@@ -188,6 +198,11 @@ pub struct HaNode {
     replay_thread: Mutex<Option<JoinHandle<()>>>,
     /// Serializes takeover, giveback and returns.
     transition: Mutex<()>,
+    /// The partner's mirror, indexed while the partner is healthy; taken by
+    /// a takeover. Lock order: `transition`, then this, then `state`
+    /// (never `state` while waiting for this).
+    warm_index: Mutex<warm_index::WarmIndex>,
+    warm_progress: Mutex<warm_index::WarmProgress>,
 }
 
 impl HaNode {
@@ -220,6 +235,8 @@ impl HaNode {
             replay_active: AtomicBool::new(false),
             replay_thread: Mutex::new(None),
             transition: Mutex::new(()),
+            warm_index: Mutex::new(warm_index::WarmIndex::default()),
+            warm_progress: Mutex::new(warm_index::WarmProgress::default()),
         });
         let hooks: Arc<dyn NodeHooks> = ha.clone();
         ha.node.set_hooks(Arc::downgrade(&hooks));

@@ -29,7 +29,25 @@ pub struct Status {
     pub volumes: Vec<VolumeStatus>,
     pub log: LogView,
     pub replay: ReplayStatus,
+    /// The index of the partner's mirror kept while it is healthy.
+    #[serde(default)]
+    pub warm_index: WarmIndexStatus,
     pub last_takeover: Option<LastTakeover>,
+}
+
+/// The warm index of the partner's mirror: what a takeover would not have
+/// to scan, and how far behind the mirror it was at its last pass.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct WarmIndexStatus {
+    /// Records (and their bytes) of the partner's live log indexed.
+    pub records: u64,
+    pub bytes: u64,
+    pub passes: u64,
+    /// What the last pass found unindexed: the lag behind the mirror.
+    pub lag_records: u64,
+    pub lag_bytes: u64,
+    /// Passes that threw the index away (a resync rewrote the mirror).
+    pub starts_over: u64,
 }
 
 /// As its JSON, on one line (for logs and messages).
@@ -143,6 +161,14 @@ pub struct LastTakeover {
     pub first_read_ms: Option<u64>,
     pub replay_ms: Option<u64>,
     pub forced: bool,
+    /// Records and bytes the takeover scanned itself (the warm index's lag).
+    #[serde(default)]
+    pub tail_records: u64,
+    #[serde(default)]
+    pub tail_bytes: u64,
+    /// The warm index could not be used: the whole mirror was scanned.
+    #[serde(default)]
+    pub cold: bool,
 }
 
 impl HaNode {
@@ -150,6 +176,19 @@ impl HaNode {
     pub fn status(&self) -> Status {
         let (me, partner) = self.me_and_partner();
         let now = Instant::now();
+        // Before `state`: the lock order is the warm index, then the state.
+        let warm_index = {
+            let (records, bytes) = self.warm_index.lock().size();
+            let progress = *self.warm_progress.lock();
+            WarmIndexStatus {
+                records,
+                bytes,
+                passes: progress.passes,
+                lag_records: progress.last_pass.records,
+                lag_bytes: progress.last_pass.bytes,
+                starts_over: progress.starts_over,
+            }
+        };
         let state = self.state.lock();
         let interconnect_silent_ms =
             now.duration_since(state.interconnect_alive_at).as_millis() as u64;
@@ -285,12 +324,16 @@ impl HaNode {
                     done as f64 * 100.0 / total as f64
                 },
             },
+            warm_index,
             last_takeover: state.last_takeover.map(|t| LastTakeover {
                 at_unix_ms: t.at_unix_ms,
                 resume_ms: t.resume_ms,
                 first_read_ms: t.first_read_ms,
                 replay_ms: t.replay_ms,
                 forced: t.forced,
+                tail_records: t.tail_records,
+                tail_bytes: t.tail_bytes,
+                cold: t.cold,
             }),
         }
     }

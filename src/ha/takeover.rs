@@ -6,13 +6,11 @@
 use std::sync::Arc;
 use std::time::Instant;
 
-use nvlog::Scanner;
-
 use crate::error::Refusal;
-use crate::error::{Error, Result};
+use crate::error::Result;
 use crate::ha::index::{IndexEntry, TakeoverIndex};
+use crate::ha::warm_index::{self, Finished};
 use crate::ha::{HaNode, Holding, ReplayDriver, Role, TakeoverTimes};
-use crate::node::recovery::index_records;
 use crate::storage::extents::Origin;
 use crate::storage::mailbox::{self, MailboxState};
 use crate::storage::ownership;
@@ -121,42 +119,37 @@ impl HaNode {
         // 3 and 4. Any failure from here on leaves the volumes fenced but not
         // served: recorded as a stopped takeover (durably: no index was saved),
         // which a giveback hands back with the partner's log intact.
-        let indexed = (|| -> Result<(Vec<Arc<Volume>>, MailboxState, u64)> {
-            // 3. Nothing more lands in the mirror; make it durable; scan it.
+        let indexed = (|| -> Result<(Vec<Arc<Volume>>, MailboxState, Finished)> {
+            // 3. Nothing more lands in the mirror; make it durable (the warm
+            // index persisted what it walked: little is left to write back).
             self.node.shutdown_receiver();
             self.node.region.persist(
                 self.node.region.mirror().offset,
                 self.node.region.mirror().len,
             )?;
-            let image = self.node.region.snapshot(self.node.region.mirror());
-            let scanner = Scanner::new(&image)?;
-            if let Some(header) = scanner.header() {
-                if header.node_id != partner {
-                    return Err(Error::WrongMirror {
-                        found: header.node_id,
-                        expected: partner,
-                    });
-                }
-            }
-            // 4. The index: every record's extent, in LSN order, newest winning.
+            // 4. The index: the warm one, checked against the mirror, and
+            // the tail since its last pass (or all of the mirror, if it
+            // cannot be used).
             let (volumes, partner_mailbox) = self.open_partner_volumes(&ours)?;
-            let records = if log_replayed {
+            let warm = std::mem::take(&mut *self.warm_index.lock());
+            let mirror = self.mirror_view();
+            let finished = if log_replayed {
                 tracing::warn!(
                     "the mirror holds the log the last giveback replayed already: nothing to replay"
                 );
-                0
+                warm_index::check_mirror_header(&mirror, partner)?;
+                Finished::nothing()
             } else {
-                index_records(
-                    scanner,
-                    &volumes,
-                    self.node.region.mirror().offset,
-                    Origin::Mirror,
-                )
+                let finished = warm.finish(&mirror, partner, &volumes)?;
+                if self.options.verify_warm_index {
+                    warm_index::assert_same_as_a_full_scan(&mirror, &volumes);
+                }
+                finished
             };
             self.save_index(partner, ours.epoch, &volumes)?;
-            Ok((volumes, partner_mailbox, records))
+            Ok((volumes, partner_mailbox, finished))
         })();
-        let (volumes, partner_mailbox, records) = match indexed {
+        let (volumes, partner_mailbox, finished) = match indexed {
             Ok(indexed) => indexed,
             Err(error) => {
                 tracing::error!(%error, "takeover stopped after fencing");
@@ -192,6 +185,9 @@ impl HaNode {
                 first_read_ms: None,
                 replay_ms: None,
                 forced,
+                tail_records: finished.tail.records,
+                tail_bytes: finished.tail.bytes,
+                cold: finished.cold,
             });
         }
         self.serve_partner_address(&partner_mailbox);
@@ -201,11 +197,22 @@ impl HaNode {
             let thread = self.spawn_replay();
             *self.replay_thread.lock() = Some(thread);
         }
+        let records = finished.records;
         let message = format!(
-            "took over node {partner}'s volumes at epoch {} ({records} mirrored records indexed, serving after {resume_ms} ms; replaying in the background)",
-            ours.epoch
+            "took over node {partner}'s volumes at epoch {} ({records} mirrored records indexed, {} of them scanned at takeover{}; serving after {resume_ms} ms; replaying in the background)",
+            ours.epoch,
+            finished.tail.records,
+            if finished.cold { ", the warm index could not be used" } else { "" },
         );
-        tracing::warn!(records, resume_ms, epoch = ours.epoch, "takeover done");
+        tracing::warn!(
+            records,
+            tail_records = finished.tail.records,
+            tail_bytes = finished.tail.bytes,
+            cold = finished.cold,
+            resume_ms,
+            epoch = ours.epoch,
+            "takeover done"
+        );
         Ok(message)
     }
 

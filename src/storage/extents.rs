@@ -196,9 +196,19 @@ impl ExtentMap {
     /// Forget every local extent written by a record up to `lsn`: its bytes
     /// are in the backing file now.
     pub fn remove_through(&mut self, lsn: u64) -> u64 {
+        self.remove_of_origin_through(Origin::Local, lsn)
+    }
+
+    /// Forget every mirror extent written by a partner record up to `lsn`:
+    /// the partner's consistency point put its bytes in the file.
+    pub fn remove_mirror_through(&mut self, lsn: u64) -> u64 {
+        self.remove_of_origin_through(Origin::Mirror, lsn)
+    }
+
+    fn remove_of_origin_through(&mut self, origin: Origin, lsn: u64) -> u64 {
         let mut removed = 0;
         self.extents.retain(|_, extent| {
-            let keep = extent.origin != Origin::Local || extent.lsn > lsn;
+            let keep = extent.origin != origin || extent.lsn > lsn;
             if !keep {
                 removed += extent.len;
             }

@@ -4,7 +4,7 @@
 use crate::ha::index::{IndexEntry, TakeoverIndex};
 use crate::ha::status::{
     HalfView, InterconnectView, LogView, MailboxView, MirrorStatus, PartnerStatus, ReplayStatus,
-    Status, TakeoverStatus, VolumeStatus,
+    Status, TakeoverStatus, VolumeStatus, WarmIndexStatus,
 };
 use crate::ha::Role;
 use crate::mirror::Link;
@@ -158,6 +158,14 @@ pub fn example_status() -> Status {
             total_bytes: 0,
             done_bytes: 0,
             percent: 100.0,
+        },
+        warm_index: WarmIndexStatus {
+            records: 120,
+            bytes: 520_192,
+            passes: 1_500,
+            lag_records: 3,
+            lag_bytes: 12_480,
+            starts_over: 1,
         },
         last_takeover: None,
     }

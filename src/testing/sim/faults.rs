@@ -182,6 +182,7 @@ impl World {
                 }
                 self.report.takeovers += 1;
                 self.report.forced_takeovers += 1;
+                self.count_warm_takeover(&ha);
                 // (Not the takeover's message: it has wall-clock timings.)
                 self.note(format_args!(
                     "node {} forced a takeover of node {partner_id}'s volumes (mirror {})",

@@ -135,6 +135,8 @@ pub struct SimReport {
     pub disk_faults: u64,
     pub takeovers: u64,
     pub forced_takeovers: u64,
+    /// Takeovers that served from the warm index (not a whole-mirror scan).
+    pub warm_takeovers: u64,
     pub givebacks: u64,
     pub full_checks: u64,
 }
@@ -147,7 +149,7 @@ impl fmt::Display for SimReport {
              (log or slots full); {} reads checked, {} full read-backs; {} consistency points; \
              faults: {} crashes ({} power losses), {} stalls, {} partitions, {} torn mirror writes, \
              {} heartbeats lost and {} late ({} sessions cut as silent), {} disk errors; \
-             {} takeovers ({} forced), {} givebacks",
+             {} takeovers ({} forced, {} from a warm index), {} givebacks",
             self.seed,
             self.durability,
             self.steps,
@@ -169,6 +171,7 @@ impl fmt::Display for SimReport {
             self.disk_faults,
             self.takeovers,
             self.forced_takeovers,
+            self.warm_takeovers,
             self.givebacks
         )
     }

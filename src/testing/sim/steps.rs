@@ -267,6 +267,7 @@ impl World {
         let role_after = ha.role();
         if holding_after && !holding_before {
             self.report.takeovers += 1;
+            self.count_warm_takeover(&ha);
             self.note(format_args!(
                 "node {} took over its partner's volumes",
                 index + 1
@@ -298,6 +299,39 @@ impl World {
             Ok(true) => {}
             Ok(false) => {}
             Err(error) => self.note(format_args!("node {} replay: {error}", index + 1)),
+        }
+        Ok(())
+    }
+
+    pub(super) fn count_warm_takeover(&mut self, ha: &HaNode) {
+        if ha.status().last_takeover.is_some_and(|last| !last.cold) {
+            self.report.warm_takeovers += 1;
+        }
+    }
+
+    /// A pass of the warm index on one node, with a budget that leaves it
+    /// behind now and then (so takeovers scan tails of every length).
+    pub(super) fn index_mirror(&mut self) -> Result<(), String> {
+        let index = self.pick_node();
+        let Some(ha) = self.live(index) else {
+            return Ok(());
+        };
+        let budget =
+            [2, 8, u64::MAX][self.rng.below(3) as usize].saturating_mul(BLOCK_BYTES as u64);
+        match ha.index_mirror(budget) {
+            Ok(report) if report.records > 0 || report.started_over => self.note(format_args!(
+                "node {} warm index: {} records, {} bytes{}",
+                index + 1,
+                report.records,
+                report.bytes,
+                if report.started_over {
+                    ", started over"
+                } else {
+                    ""
+                }
+            )),
+            Ok(_) => {}
+            Err(error) => self.note(format_args!("node {} warm index: {error}", index + 1)),
         }
         Ok(())
     }

@@ -298,6 +298,7 @@ impl World {
         let options = HaOptions {
             replay: ReplayDriver::Caller,
             partner_service: None,
+            verify_warm_index: true,
         };
         let assembled = Node::open(node.config.clone(), node.region.clone(), environment)
             .and_then(|(node, events)| Ok((HaNode::start(node, options)?, events)));
@@ -357,11 +358,12 @@ impl World {
             740..=789 => self.consistency_point(),
             790..=849 => self.connect(),
             850..=909 => self.monitor(),
-            910..=959 => {
+            910..=949 => {
                 let ms = 20 + self.rng.below(300);
                 self.clock.advance_ms(ms);
                 Ok(())
             }
+            950..=959 => self.index_mirror(),
             960..=986 => self.replay(),
             987..=988 => self.crash_one(),
             989 => self.stall_one(),

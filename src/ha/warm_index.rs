@@ -1,0 +1,546 @@
+//! The warm index: the partner's mirror indexed while the partner is
+//! healthy, so that a takeover scans only the tail that arrived since the
+//! last pass.
+//!
+//! A pass copies what landed in the mirror since the previous pass, a
+//! window at a time, and puts each record's extent into a dirty map per
+//! partner volume, exactly as the takeover's scan would ([`Scanner::resume`]
+//! decides as one scan of the whole mirror does). Records may land, and be
+//! torn, while a pass copies them: a pass ends at the first record that is
+//! not whole yet, and the next pass resumes there.
+//!
+//! The mirror changes under the index in three ways, each handled:
+//! - the partner's consistency point frees a half (its flushed LSN moves
+//!   past every record in it): the entries of those records are retired,
+//!   and the records are forgotten once the half is reused;
+//! - the partner opens its next half: the scan goes on in it;
+//! - anything else (a resync after a reconnect rewrites the mirror, the
+//!   partner's log was formatted afresh, the header is unreadable): the
+//!   index starts over.
+//!
+//! A takeover trusts nothing it did not check: it compares the header of
+//! every record the index holds with the mirror's bytes (64 bytes a record,
+//! each naming its payload's CRC), scans the tail, and starts over with a
+//! scan of the whole mirror if anything differs.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use interconnect::SharedMemory;
+use nvlog::header::{read_header, HeaderRead};
+use nvlog::record::RECORD_HEADER_BYTES;
+use nvlog::region::LOG_HEADER_BYTES;
+use nvlog::{LogHeader, ScanPosition, Scanner, StopReason};
+
+use crate::error::{Error, Result};
+use crate::node::recovery::source_of;
+use crate::storage::extents::{ExtentMap, Origin};
+use crate::storage::volume::Volume;
+
+/// Bytes copied out of the mirror at once; a record larger than this makes
+/// the window grow to hold it.
+const WINDOW_BYTES: usize = 4 << 20;
+
+/// The partner's mirror as the index reads it: through atomic copies,
+/// since the transport writes it concurrently (torn bytes are caught by
+/// the records' checksums).
+#[derive(Debug, Clone)]
+pub struct Mirror {
+    pub memory: SharedMemory,
+    /// Where the mirror lies in the NVRAM region: extents name region
+    /// offsets.
+    pub region_offset: u64,
+}
+
+impl Mirror {
+    fn read(&self, log_offset: u64, buf: &mut [u8]) {
+        self.memory
+            .read_at(log_offset, buf)
+            .expect("reads stay inside the mirror (its header describes it)");
+    }
+}
+
+/// One record the index walked: where it is and its header as it was.
+#[derive(Debug, Clone, Copy)]
+struct WalkedRecord {
+    log_offset: u64,
+    half: usize,
+    header: [u8; RECORD_HEADER_BYTES],
+}
+
+/// What one pass did, for the status and the metrics.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct PassReport {
+    /// Records and bytes the pass found unindexed: how far the index lagged.
+    pub records: u64,
+    pub bytes: u64,
+    /// The pass threw the index away and began again.
+    pub started_over: bool,
+}
+
+/// The index of the partner's mirror (see the module docs).
+#[derive(Debug, Default)]
+pub struct WarmIndex {
+    /// The mirror header the walked records were read under.
+    header: Option<LogHeader>,
+    /// Where the next pass resumes; `None` before the first pass.
+    position: Option<ScanPosition>,
+    /// Every record walked since the start of the oldest live half, in LSN
+    /// order (flushed ones too: a takeover checks the whole chain).
+    walked: Vec<WalkedRecord>,
+    /// Mirror extents of records past the flushed LSN, by volume id.
+    extents: HashMap<u32, ExtentMap>,
+    /// Bytes of the walked records.
+    walked_bytes: u64,
+    /// Log ranges walked since [`take_walked_ranges`](Self::take_walked_ranges).
+    walked_ranges: Vec<std::ops::Range<u64>>,
+}
+
+/// The index a takeover serves from.
+#[derive(Debug)]
+pub struct Finished {
+    /// Records past the partner's flushed LSN, now in the volumes' maps.
+    pub records: u64,
+    /// Records and bytes scanned at takeover: the index's lag.
+    pub tail: PassReport,
+    /// The index could not be used and the whole mirror was scanned.
+    pub cold: bool,
+}
+
+impl Finished {
+    /// Nothing indexed (the mirror's log was replayed already).
+    pub fn nothing() -> Finished {
+        Finished {
+            records: 0,
+            tail: PassReport::default(),
+            cold: false,
+        }
+    }
+}
+
+/// The mirror's header, if it is not blank; an error if it is destroyed or
+/// names another node than `partner`.
+pub fn check_mirror_header(mirror: &Mirror, partner: u32) -> Result<Option<LogHeader>> {
+    match read_mirror_header(mirror) {
+        HeaderRead::Valid(header) if header.node_id != partner => Err(Error::WrongMirror {
+            found: header.node_id,
+            expected: partner,
+        }),
+        HeaderRead::Valid(header) => Ok(Some(header)),
+        HeaderRead::Blank => Ok(None),
+        HeaderRead::Corrupt { slot_a, slot_b } => {
+            Err(nvlog::Error::LogHeaderCorrupt { slot_a, slot_b }.into())
+        }
+    }
+}
+
+impl WarmIndex {
+    /// Records walked, and their bytes.
+    pub fn size(&self) -> (u64, u64) {
+        (self.walked.len() as u64, self.walked_bytes)
+    }
+
+    fn start_over(&mut self) {
+        *self = WarmIndex::default();
+    }
+
+    /// Index what landed in `mirror` since the last pass, up to about
+    /// `budget_bytes` of records (the rest waits for the next pass).
+    pub fn pass(&mut self, mirror: &Mirror, budget_bytes: u64) -> PassReport {
+        let mut report = PassReport::default();
+        let header = match read_mirror_header(mirror) {
+            HeaderRead::Valid(header) => header,
+            HeaderRead::Blank | HeaderRead::Corrupt { .. } => {
+                report.started_over = self.header.is_some();
+                self.start_over();
+                return report;
+            }
+        };
+        if !self.reconcile(&header) {
+            report.started_over = true;
+            self.start_over();
+            let _ = self.reconcile(&header);
+        }
+        self.scan(mirror, Some(budget_bytes), &mut report);
+        report
+    }
+
+    /// Follow the mirror's current `header`: retire what the partner
+    /// flushed, and say whether the walked records still form the chain a
+    /// scan of the whole mirror would walk (if not, start over).
+    fn reconcile(&mut self, header: &LogHeader) -> bool {
+        let Some(before) = self.header else {
+            let plan = header.live_halves();
+            self.header = Some(*header);
+            self.position = plan.first().map(|&half| ScanPosition {
+                half,
+                offset_in_half: 0,
+                expected_lsn: header.halves[half].first_lsn,
+            });
+            return true;
+        };
+        if before.half_len != header.half_len || before.node_id != header.node_id {
+            return false;
+        }
+        // A half still holds what was walked in it if it is live in the
+        // same pass (generation) from the same first LSN.
+        let unchanged = |half: usize| {
+            let (was, is) = (before.halves[half], header.halves[half]);
+            was.state.is_live()
+                && is.state.is_live()
+                && was.generation == is.generation
+                && was.first_lsn == is.first_lsn
+        };
+        let Some(position) = self.position else {
+            // The mirror was blank before: begin at its first live half.
+            self.header = None;
+            return self.reconcile(header);
+        };
+        if !unchanged(position.half) {
+            return false;
+        }
+        if header.flushed_lsn < before.flushed_lsn {
+            return false;
+        }
+        // Halves that changed must have been freed: everything walked in
+        // them flushed. Then they are no longer part of the chain.
+        let flushed = header.flushed_lsn;
+        let mut gone_half = [false; 2];
+        for (half, gone) in gone_half.iter_mut().enumerate() {
+            *gone = before.halves[half].state.is_live() && !unchanged(half);
+        }
+        let mut all_flushed = true;
+        self.walked.retain(|record| {
+            if !gone_half[record.half] {
+                return true;
+            }
+            all_flushed &= lsn_of(&record.header) <= flushed;
+            false
+        });
+        if !all_flushed {
+            return false;
+        }
+        self.walked_bytes = self.walked.iter().map(|r| record_len(&r.header)).sum();
+        if flushed > before.flushed_lsn {
+            for map in self.extents.values_mut() {
+                map.remove_mirror_through(flushed);
+            }
+            self.extents.retain(|_, map| !map.is_empty());
+        }
+        self.header = Some(*header);
+        true
+    }
+
+    /// Scan from the position to the end of what landed (or the budget).
+    fn scan(&mut self, mirror: &Mirror, budget_bytes: Option<u64>, report: &mut PassReport) {
+        let (Some(header), Some(mut at)) = (self.header, self.position) else {
+            return;
+        };
+        // Walk flushed records too (the chain is checked from its start);
+        // only those past the flushed LSN get extents.
+        let mut follow = header;
+        follow.flushed_lsn = 0;
+        let mut window_len = WINDOW_BYTES;
+        let mut window = Vec::new();
+        loop {
+            if budget_bytes.is_some_and(|budget| report.bytes >= budget) {
+                break;
+            }
+            let half_start = LOG_HEADER_BYTES + at.half as u64 * header.half_len;
+            let start = half_start + at.offset_in_half;
+            let end = (start + window_len as u64).min(half_start + header.half_len);
+            window.resize((end - start) as usize, 0);
+            mirror.read(start, &mut window);
+            let Some(mut scanner) = Scanner::resume(follow, at, &window, start) else {
+                break;
+            };
+            let before = report.records;
+            for record in scanner.by_ref() {
+                let mut bytes = [0u8; RECORD_HEADER_BYTES];
+                let in_window = (record.log_offset - start) as usize;
+                bytes.copy_from_slice(&window[in_window..in_window + RECORD_HEADER_BYTES]);
+                self.walked.push(WalkedRecord {
+                    log_offset: record.log_offset,
+                    half: at.half,
+                    header: bytes,
+                });
+                let len = record_len(&bytes);
+                self.walked_bytes += len;
+                let range = record.log_offset..record.log_offset + len;
+                match self.walked_ranges.last_mut() {
+                    Some(last) if last.end == range.start => last.end = range.end,
+                    _ => self.walked_ranges.push(range),
+                }
+                report.records += 1;
+                report.bytes += len;
+                let h = record.header;
+                if h.lsn > header.flushed_lsn {
+                    let payload_at =
+                        mirror.region_offset + record.log_offset + RECORD_HEADER_BYTES as u64;
+                    self.extents.entry(h.volume).or_default().insert_from(
+                        Origin::Mirror,
+                        h.offset,
+                        h.extent_len,
+                        h.lsn,
+                        source_of(h.kind, payload_at),
+                    );
+                }
+            }
+            let stop = scanner.stop().copied();
+            let next = scanner.position().expect("a resumed scan has a position");
+            drop(scanner);
+            let moved = next != at;
+            at = next;
+            match stop {
+                Some(stop) if stop.reason == StopReason::EndOfWindow => {
+                    if !moved && report.records == before {
+                        if window_len as u64 >= header.half_len {
+                            break;
+                        }
+                        window_len *= 2;
+                    }
+                }
+                _ => break,
+            }
+        }
+        self.position = Some(at);
+    }
+
+    /// At takeover, with nothing landing in the mirror any more: check the
+    /// index against the mirror, scan the tail, and move the extents into
+    /// `volumes` (freshly opened, their maps empty).
+    pub fn finish(
+        mut self,
+        mirror: &Mirror,
+        partner: u32,
+        volumes: &[Arc<Volume>],
+    ) -> Result<Finished> {
+        let Some(header) = check_mirror_header(mirror, partner)? else {
+            return Ok(Finished {
+                records: 0,
+                tail: PassReport::default(),
+                cold: self.header.is_none(),
+            });
+        };
+        let mut cold = self.header.is_none();
+        if !self.reconcile(&header) || !self.still_in(mirror) {
+            tracing::warn!(
+                walked = self.walked.len(),
+                "the warm index no longer matches the mirror: scanning all of it"
+            );
+            self.start_over();
+            let _ = self.reconcile(&header);
+            cold = true;
+        }
+        let mut tail = PassReport::default();
+        self.scan(mirror, None, &mut tail);
+        let mut records = 0;
+        let mut skips_a_record = false;
+        for record in &self.walked {
+            let lsn = lsn_of(&record.header);
+            if lsn <= header.flushed_lsn {
+                continue;
+            }
+            let decoded = nvlog::record::decode_header(&record.header).expect("walked record");
+            let fits = volumes
+                .iter()
+                .find(|v| v.id == decoded.volume)
+                .is_some_and(|volume| {
+                    decoded
+                        .offset
+                        .checked_add(decoded.extent_len)
+                        .is_some_and(|end| end <= volume.size_bytes)
+                });
+            if !fits {
+                tracing::error!(
+                    volume = decoded.volume,
+                    lsn,
+                    "mirror record for a volume not served here, or beyond its end; skipped"
+                );
+                skips_a_record = true;
+                break;
+            }
+            records += 1;
+        }
+        if skips_a_record {
+            // Its extent may have trimmed others in the map: build the maps
+            // again through the scan recovery uses, which skips it.
+            return Ok(rebuild_skipping_unknown(self, mirror, volumes, tail));
+        }
+        let mut extents = std::mem::take(&mut self.extents);
+        for volume in volumes {
+            if let Some(map) = extents.remove(&volume.id) {
+                let mut target = volume.extents.lock();
+                assert!(target.is_empty(), "a takeover's volume already had extents");
+                *target = map;
+            }
+        }
+        assert!(extents.is_empty(), "every record's volume was checked");
+        Ok(Finished {
+            records,
+            tail,
+            cold,
+        })
+    }
+
+    /// The log ranges passes walked since the last call: to persist.
+    pub fn take_walked_ranges(&mut self) -> Vec<std::ops::Range<u64>> {
+        std::mem::take(&mut self.walked_ranges)
+    }
+
+    /// Whether every walked record's header is still in the mirror.
+    fn still_in(&self, mirror: &Mirror) -> bool {
+        let mut bytes = [0u8; RECORD_HEADER_BYTES];
+        self.walked.iter().all(|record| {
+            mirror.read(record.log_offset, &mut bytes);
+            bytes == record.header
+        })
+    }
+}
+
+/// The rare case of a record the takeover must skip: index the mirror
+/// afresh through the scan recovery uses, which skips it.
+fn rebuild_skipping_unknown(
+    index: WarmIndex,
+    mirror: &Mirror,
+    volumes: &[Arc<Volume>],
+    tail: PassReport,
+) -> Finished {
+    drop(index);
+    let mut image = vec![0u8; mirror.memory.len()];
+    mirror.read(0, &mut image);
+    let records = match Scanner::new(&image) {
+        Ok(scanner) => crate::node::recovery::index_records(
+            scanner,
+            volumes,
+            mirror.region_offset,
+            Origin::Mirror,
+        ),
+        Err(_) => 0,
+    };
+    Finished {
+        records,
+        tail,
+        cold: true,
+    }
+}
+
+/// Scan the whole mirror as recovery does, into fresh maps, and assert
+/// that `volumes` (just filled by [`WarmIndex::finish`]) hold the same
+/// extents: an oracle independent of the warm index's bookkeeping.
+pub fn assert_same_as_a_full_scan(mirror: &Mirror, volumes: &[Arc<Volume>]) {
+    let mut image = vec![0u8; mirror.memory.len()];
+    mirror.read(0, &mut image);
+    let mut expected: HashMap<u32, ExtentMap> = HashMap::new();
+    if let Ok(scanner) = Scanner::new(&image) {
+        for record in scanner {
+            let h = record.header;
+            let Some(volume) = volumes.iter().find(|v| v.id == h.volume) else {
+                continue;
+            };
+            if h.offset
+                .checked_add(h.extent_len)
+                .map_or(true, |end| end > volume.size_bytes)
+            {
+                continue;
+            }
+            let payload_at = mirror.region_offset + record.log_offset + RECORD_HEADER_BYTES as u64;
+            expected.entry(h.volume).or_default().insert_from(
+                Origin::Mirror,
+                h.offset,
+                h.extent_len,
+                h.lsn,
+                source_of(h.kind, payload_at),
+            );
+        }
+    }
+    for volume in volumes {
+        let warm = volume.extents.lock().all_pieces();
+        let full = expected
+            .get(&volume.id)
+            .map(ExtentMap::all_pieces)
+            .unwrap_or_default();
+        assert_eq!(
+            warm, full,
+            "the warm index of volume {} differs from a full scan of the mirror",
+            volume.name
+        );
+    }
+}
+
+fn read_mirror_header(mirror: &Mirror) -> HeaderRead {
+    let mut block = vec![0u8; LOG_HEADER_BYTES as usize];
+    mirror.read(0, &mut block);
+    read_header(&block)
+}
+
+fn lsn_of(header: &[u8; RECORD_HEADER_BYTES]) -> u64 {
+    u64::from_le_bytes(header[16..24].try_into().expect("8 bytes"))
+}
+
+/// The record's length in the log: header, payload and padding.
+fn record_len(header: &[u8; RECORD_HEADER_BYTES]) -> u64 {
+    let decoded = nvlog::record::decode_header(header).expect("a walked record's header");
+    decoded.encoded_len() as u64
+}
+
+/// The warm index as the status shows it.
+#[derive(Debug, Clone, Copy, Default)]
+pub(super) struct WarmProgress {
+    pub passes: u64,
+    pub last_pass: PassReport,
+    pub starts_over: u64,
+}
+
+impl crate::ha::HaNode {
+    /// The partner's mirror, as the warm index reads it.
+    pub(super) fn mirror_view(&self) -> Mirror {
+        let area = self.node.region.mirror();
+        Mirror {
+            memory: crate::sys::area_memory(&self.node.region, area),
+            region_offset: area.offset,
+        }
+    }
+
+    /// One pass of the warm index, while this node mirrors its partner
+    /// (serving its own volumes only). Persists the mirror bytes it
+    /// indexed, so that a takeover has little left to write back.
+    pub fn index_mirror(&self, budget_bytes: u64) -> crate::error::Result<PassReport> {
+        {
+            let state = self.state.lock();
+            if state.role != crate::ha::Role::Serving || state.holding.is_some() {
+                return Ok(PassReport::default());
+            }
+        }
+        let mirror = self.mirror_view();
+        let mut index = self.warm_index.lock();
+        let report = index.pass(&mirror, budget_bytes);
+        let (walked, walked_bytes) = index.size();
+        let ranges = index.take_walked_ranges();
+        drop(index);
+        for range in ranges {
+            self.node
+                .region
+                .persist(mirror.region_offset + range.start, range.end - range.start)?;
+        }
+        let mut progress = self.warm_progress.lock();
+        progress.passes += 1;
+        progress.last_pass = report;
+        progress.starts_over += u64::from(report.started_over);
+        drop(progress);
+        if report.started_over {
+            tracing::debug!(walked, walked_bytes, "warm index started over");
+        }
+        Ok(report)
+    }
+
+    /// The indexer's loop: a pass every `interval` until the node stops.
+    pub fn run_warm_index(&self, interval: std::time::Duration) {
+        while !self.node.is_stopping() {
+            if let Err(error) = self.index_mirror(u64::MAX) {
+                tracing::warn!(%error, "warm index pass");
+            }
+            std::thread::sleep(interval);
+        }
+    }
+}
