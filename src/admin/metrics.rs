@@ -102,6 +102,21 @@ pub fn node_metrics(ha: &HaNode) -> String {
         gauge(status.replay.done_bytes),
     );
     registry.register(
+        "warm_index_records",
+        "Records of the partner's live log in the warm takeover index",
+        gauge(status.warm_index.records),
+    );
+    registry.register(
+        "warm_index_lag_records",
+        "Records the warm index's last pass found unindexed",
+        gauge(status.warm_index.lag_records),
+    );
+    registry.register(
+        "warm_index_lag_bytes",
+        "Bytes the warm index's last pass found unindexed",
+        gauge(status.warm_index.lag_bytes),
+    );
+    registry.register(
         "takeovers",
         "Takeovers done by this node since it started",
         ConstCounter::new(u64::from(status.last_takeover.is_some())),
