@@ -121,7 +121,9 @@ rdma:
 bench-smoke:
 	NVMIRROR_BENCH_QUICK=1 $(CARGO) bench --locked -p nvlog --bench nvlog
 	NVMIRROR_BENCH_QUICK=1 $(CARGO) bench --locked -p interconnect --bench interconnect
+	NVMIRROR_BENCH_QUICK=1 $(CARGO) bench --locked -p nvmirror --bench takeover
 
 bench:
 	$(CARGO) bench --locked -p nvlog --bench nvlog
 	$(CARGO) bench --locked -p interconnect --bench interconnect
+	$(CARGO) bench --locked -p nvmirror --bench takeover

@@ -38,6 +38,7 @@
 //! auto_giveback_delay_ms = 30000      # absent: giveback only by `nvmirror giveback`
 //! hook = "/etc/nvmirror/move-ip.sh"   # run on takeover and giveback
 //! warm_index_interval_ms = 20         # index the partner's mirror this often; 0: off
+//! warm_index_persist_ms = 1000        # and persist it this often; 0: only at takeover
 //! ```
 
 use std::io::Read;
@@ -190,6 +191,12 @@ pub struct HaConfig {
     /// it off, and a takeover scans the whole mirror.
     #[serde(default = "default_warm_index_interval_ms")]
     pub warm_index_interval_ms: u64,
+    /// How often the warm index also persists the mirror, so that a
+    /// takeover has little to write back; 0: never (the takeover writes
+    /// back all that is dirty). It costs disk writes and write faults while
+    /// the partner writes (see the README's benchmarks).
+    #[serde(default = "default_warm_index_persist_ms")]
+    pub warm_index_persist_ms: u64,
 }
 
 impl Default for HaConfig {
@@ -203,6 +210,7 @@ impl Default for HaConfig {
             hook: None,
             replay_max_bytes_per_s: None,
             warm_index_interval_ms: default_warm_index_interval_ms(),
+            warm_index_persist_ms: default_warm_index_persist_ms(),
         }
     }
 }
@@ -307,6 +315,9 @@ fn default_mailbox_timeout_ms() -> u64 {
 }
 fn default_warm_index_interval_ms() -> u64 {
     20
+}
+fn default_warm_index_persist_ms() -> u64 {
+    1000
 }
 /// A pass less often than this would leave the index too far behind to
 /// matter; more likely a unit mistake (seconds for milliseconds).
@@ -445,6 +456,12 @@ impl Config {
             .map_err(|error| invalid(key_field, error.to_string()))?;
         if self.consistency_point.interval_ms == 0 {
             return Err(invalid("consistency_point.interval_ms", "must be positive"));
+        }
+        if self.ha.warm_index_persist_ms > WARM_INDEX_INTERVAL_MAX_MS {
+            return Err(invalid(
+                "ha.warm_index_persist_ms",
+                format!("must be at most {WARM_INDEX_INTERVAL_MAX_MS} (0: only at takeover)"),
+            ));
         }
         if self.ha.warm_index_interval_ms > WARM_INDEX_INTERVAL_MAX_MS {
             return Err(invalid(

@@ -55,6 +55,9 @@ enum Command {
         /// Also measure takeover timings with the log 1 %, 50 % and 100 % full.
         #[arg(long)]
         profile_takeover: bool,
+        /// Log half sizes of the takeover profile, comma-separated.
+        #[arg(long, value_delimiter = ',', default_value = "8MiB", value_parser = parse_byte_size)]
+        profile_halves: Vec<u64>,
     },
     /// Deterministic simulation of the pair with fault injection: two real
     /// nodes on simulated time, NVRAM, disks and interconnect, every read
@@ -218,6 +221,7 @@ fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
             seed,
             transport,
             profile_takeover,
+            profile_halves,
         } => {
             init_logging(Some("warn"));
             let faults = faults
@@ -244,6 +248,7 @@ fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
                 writers,
                 transport,
                 profile_takeover,
+                profile_halves,
             };
             let (passed, report) = nvmirror::testing::drill::run(&options)?;
             print!("{report}");
@@ -353,4 +358,9 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// A size such as `512MiB` (the config's syntax), for the CLI.
+fn parse_byte_size(text: &str) -> Result<u64, String> {
+    nvmirror::config::parse_size(text)
 }

@@ -95,6 +95,71 @@ fn main() {
     }
     println!("ratio = records/s of the mode / records/s of memcpy into the same mapping, same record size and threads");
     let _ = std::fs::remove_file(&path);
+    scan_throughput(half_len, run_for);
+}
+
+/// The scan a takeover (or recovery) runs over a full log image: every
+/// record's header and payload checked, against a memcpy of the same bytes.
+fn scan_throughput(half_len: u64, run_for: Duration) {
+    println!();
+    println!(
+        "scan of a full log image ({} MiB halves), one thread:",
+        half_len >> 20
+    );
+    println!(
+        "{:>8} | {:>11} | {:>10} {:>10} {:>6}",
+        "record", "memcpy GB/s", "scan GB/s", "rec/s", "ratio"
+    );
+    for record_bytes in [512usize, 4096, 65536] {
+        let region = Arc::new(Region::in_memory(
+            1,
+            Geometry::new(half_len).expect("geometry"),
+        ));
+        let (log, _) = Log::open(region).expect("log");
+        let payload = vec![0xa5u8; record_bytes];
+        let mut records = 0u64;
+        while let Ok(reservation) = log.try_reserve(record_bytes) {
+            log.append(reservation, &RecordData::write(1, records * 4096, &payload))
+                .expect("append");
+            records += 1;
+        }
+        let image = log.live_image();
+        let mut copy = vec![0u8; image.len()];
+        let repeat = |work: &mut dyn FnMut()| {
+            let started = Instant::now();
+            let mut rounds = 0u32;
+            while rounds == 0 || started.elapsed() < run_for {
+                work();
+                rounds += 1;
+            }
+            started.elapsed().as_secs_f64() / f64::from(rounds)
+        };
+        let memcpy_s = repeat(&mut || {
+            copy.copy_from_slice(&image);
+            std::hint::black_box(&copy);
+        });
+        let mut scanned = 0u64;
+        let scan_s = repeat(&mut || {
+            let scanner = nvlog::Scanner::new(&image).expect("scannable");
+            scanned = scanner.map(|r| r.payload.len() as u64).sum::<u64>();
+            std::hint::black_box(scanned);
+        });
+        assert_eq!(
+            scanned,
+            records * record_bytes as u64,
+            "every record scanned"
+        );
+        let gbps = |seconds: f64| image.len() as f64 / seconds / 1e9;
+        println!(
+            "{:>8} | {:>11.2} | {:>10.2} {:>10.0} {:>6.2}",
+            record_bytes,
+            gbps(memcpy_s),
+            gbps(scan_s),
+            records as f64 / scan_s,
+            memcpy_s / scan_s
+        );
+    }
+    println!("ratio = scan throughput / memcpy throughput of the same image (1.00: the scan runs at memory bandwidth)");
 }
 
 /// Records per second over `run_for`, summed over the case's threads.

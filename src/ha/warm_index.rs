@@ -92,8 +92,6 @@ pub struct WarmIndex {
     extents: HashMap<u32, ExtentMap>,
     /// Bytes of the walked records.
     walked_bytes: u64,
-    /// Log ranges walked since [`take_walked_ranges`](Self::take_walked_ranges).
-    walked_ranges: Vec<std::ops::Range<u64>>,
 }
 
 /// The index a takeover serves from.
@@ -266,11 +264,6 @@ impl WarmIndex {
                 });
                 let len = record_len(&bytes);
                 self.walked_bytes += len;
-                let range = record.log_offset..record.log_offset + len;
-                match self.walked_ranges.last_mut() {
-                    Some(last) if last.end == range.start => last.end = range.end,
-                    _ => self.walked_ranges.push(range),
-                }
                 report.records += 1;
                 report.bytes += len;
                 let h = record.header;
@@ -383,11 +376,6 @@ impl WarmIndex {
         })
     }
 
-    /// The log ranges passes walked since the last call: to persist.
-    pub fn take_walked_ranges(&mut self) -> Vec<std::ops::Range<u64>> {
-        std::mem::take(&mut self.walked_ranges)
-    }
-
     /// Whether every walked record's header is still in the mirror.
     fn still_in(&self, mirror: &Mirror) -> bool {
         let mut bytes = [0u8; RECORD_HEADER_BYTES];
@@ -490,6 +478,8 @@ pub(super) struct WarmProgress {
     pub passes: u64,
     pub last_pass: PassReport,
     pub starts_over: u64,
+    /// When the indexer last persisted the mirror.
+    pub persisted_at: Option<std::time::Instant>,
 }
 
 impl crate::ha::HaNode {
@@ -503,8 +493,9 @@ impl crate::ha::HaNode {
     }
 
     /// One pass of the warm index, while this node mirrors its partner
-    /// (serving its own volumes only). Persists the mirror bytes it
-    /// indexed, so that a takeover has little left to write back.
+    /// (serving its own volumes only). Every `ha.warm_index_persist_ms` it
+    /// also persists the mirror (records and whatever a resync copied), so
+    /// that a takeover has at most that much left to write back.
     pub fn index_mirror(&self, budget_bytes: u64) -> crate::error::Result<PassReport> {
         {
             let state = self.state.lock();
@@ -516,12 +507,22 @@ impl crate::ha::HaNode {
         let mut index = self.warm_index.lock();
         let report = index.pass(&mirror, budget_bytes);
         let (walked, walked_bytes) = index.size();
-        let ranges = index.take_walked_ranges();
         drop(index);
-        for range in ranges {
-            self.node
-                .region
-                .persist(mirror.region_offset + range.start, range.end - range.start)?;
+        let persist_every = self.node.config.ha.warm_index_persist_ms;
+        let now = self.node.environment.clock.now();
+        let persist_due = persist_every > 0 && {
+            let mut progress = self.warm_progress.lock();
+            let due = progress.persisted_at.map_or(true, |at| {
+                now.duration_since(at).as_millis() >= u128::from(persist_every)
+            });
+            if due {
+                progress.persisted_at = Some(now);
+            }
+            due
+        };
+        if persist_due {
+            let area = self.node.region.mirror();
+            self.node.region.persist(area.offset, area.len)?;
         }
         let mut progress = self.warm_progress.lock();
         progress.passes += 1;
@@ -542,5 +543,223 @@ impl crate::ha::HaNode {
             }
             std::thread::sleep(interval);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::storage::disk::FileDisks;
+    use crate::storage::ownership::{Fence, Ownership};
+    use crate::storage::volume::volume_id;
+    use nvlog::{Geometry, Log, RecordData, Region};
+
+    const HALF: u64 = 64 * 1024;
+    const PARTNER: u32 = 2;
+
+    /// The partner's log, the mirror its transport fills, and the
+    /// partner's volume as a takeover opens it.
+    struct Setup {
+        _dir: tempfile::TempDir,
+        aggregate: std::path::PathBuf,
+        log: Log,
+        mirror: Mirror,
+    }
+
+    fn setup() -> Setup {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let aggregate = dir.path().join("aggregate");
+        std::fs::create_dir_all(&aggregate).expect("aggregate");
+        let region = Arc::new(Region::in_memory(
+            PARTNER,
+            Geometry::new(HALF).expect("geometry"),
+        ));
+        let (log, _) = Log::open(region).expect("log");
+        let len = log.live_image().len();
+        let mirror = Mirror {
+            memory: SharedMemory::zeroed(len),
+            region_offset: 1 << 30,
+        };
+        Setup {
+            _dir: dir,
+            aggregate,
+            log,
+            mirror,
+        }
+    }
+
+    impl Setup {
+        fn write(&self, block: u64, tag: u8) {
+            let data = vec![tag; 3000];
+            let reservation = self.log.try_reserve(data.len()).expect("room");
+            self.log
+                .append(
+                    reservation,
+                    &RecordData::write(volume_id(PARTNER, 0), block * 4096, &data),
+                )
+                .expect("append");
+        }
+
+        /// Everything the partner logged has landed in the mirror.
+        fn place_all(&self) {
+            self.mirror
+                .memory
+                .write_at(0, &self.log.live_image())
+                .expect("mirror write");
+        }
+
+        fn volumes(&self) -> Vec<Arc<Volume>> {
+            let ownership = Ownership {
+                format_version: 1,
+                volumes_of: PARTNER,
+                owner: 1,
+                epoch: 1,
+                forced: false,
+                log_replayed: false,
+                reason: "test".into(),
+                updated_unix_ms: 0,
+            };
+            let fence = Arc::new(Fence::new(&self.aggregate, 1, &ownership));
+            let volume = Volume::open(
+                &FileDisks,
+                &self.aggregate,
+                PARTNER,
+                0,
+                "v0",
+                1 << 20,
+                fence,
+            )
+            .expect("volume");
+            vec![Arc::new(volume)]
+        }
+
+        fn finish(&self, index: WarmIndex) -> (Finished, Vec<Arc<Volume>>) {
+            let volumes = self.volumes();
+            let finished = index
+                .finish(&self.mirror, PARTNER, &volumes)
+                .expect("finish");
+            assert_same_as_a_full_scan(&self.mirror, &volumes);
+            (finished, volumes)
+        }
+    }
+
+    #[test]
+    fn a_takeover_scans_only_what_landed_after_the_last_pass() {
+        let setup = setup();
+        for block in 0..10 {
+            setup.write(block, 1);
+        }
+        setup.place_all();
+        let mut index = WarmIndex::default();
+        let report = index.pass(&setup.mirror, u64::MAX);
+        assert_eq!(report.records, 10);
+        assert_eq!(index.size().0, 10);
+        for block in 5..8 {
+            setup.write(block, 2);
+        }
+        setup.place_all();
+        let (finished, _) = setup.finish(index);
+        assert!(!finished.cold);
+        assert_eq!(finished.tail.records, 3);
+        assert_eq!(finished.records, 13);
+    }
+
+    #[test]
+    fn a_record_still_landing_is_indexed_by_a_later_pass() {
+        let setup = setup();
+        for block in 0..4 {
+            setup.write(block, 1);
+        }
+        let image = setup.log.live_image();
+        // The last record's payload has not landed yet (zeros).
+        let landed = image.len() - HALF as usize * 2 + 3 * 3072 + 2000;
+        setup
+            .mirror
+            .memory
+            .write_at(0, &image[..landed])
+            .expect("write");
+        let mut index = WarmIndex::default();
+        assert_eq!(index.pass(&setup.mirror, u64::MAX).records, 3);
+        setup.place_all();
+        assert_eq!(index.pass(&setup.mirror, u64::MAX).records, 1);
+        let (finished, _) = setup.finish(index);
+        assert_eq!((finished.cold, finished.tail.records), (false, 0));
+    }
+
+    #[test]
+    fn a_freed_half_is_retired_and_the_scan_follows_into_the_next() {
+        let setup = setup();
+        let mut index = WarmIndex::default();
+        // Fill half 0 and go on in half 1, indexing along the way.
+        for block in 0..30 {
+            setup.write(block % 12, block as u8);
+            setup.place_all();
+            if block % 7 == 0 {
+                index.pass(&setup.mirror, 8192);
+            }
+        }
+        index.pass(&setup.mirror, u64::MAX);
+        // The partner's consistency point frees half 0; half 0 is reused.
+        setup.log.begin_flush(0).expect("CP");
+        setup.log.free_half(0).expect("CP");
+        setup.place_all();
+        index.pass(&setup.mirror, u64::MAX);
+        for block in 0..25 {
+            setup.write(block % 5, 100 + block as u8);
+        }
+        setup.place_all();
+        let (finished, _) = setup.finish(index);
+        assert!(!finished.cold, "{finished:?}");
+    }
+
+    #[test]
+    fn a_mirror_rewritten_under_the_index_is_scanned_whole() {
+        let setup = setup();
+        for block in 0..6 {
+            setup.write(block, 1);
+        }
+        setup.place_all();
+        let mut index = WarmIndex::default();
+        index.pass(&setup.mirror, u64::MAX);
+        // A resync after the partner lost its tail: the same offsets and
+        // LSNs, other data.
+        let other = self::setup();
+        for block in 0..6 {
+            other.write(block, if block < 4 { 1 } else { 9 });
+        }
+        setup
+            .mirror
+            .memory
+            .write_at(0, &other.log.live_image())
+            .expect("rewrite");
+        let (finished, volumes) = setup.finish(index);
+        assert!(finished.cold, "the index no longer matched the mirror");
+        let pieces = volumes[0].extents.lock().all_pieces();
+        assert_eq!(pieces.len(), 6);
+    }
+
+    #[test]
+    fn a_blank_or_foreign_mirror() {
+        let setup = setup();
+        let mut index = WarmIndex::default();
+        assert_eq!(index.pass(&setup.mirror, u64::MAX), PassReport::default());
+        let (finished, _) = setup.finish(WarmIndex::default());
+        assert_eq!(finished.records, 0);
+        setup.write(0, 1);
+        setup.place_all();
+        let volumes = setup.volumes();
+        let error = WarmIndex::default()
+            .finish(&setup.mirror, 3, &volumes)
+            .expect_err("node 2's log is not node 3's");
+        assert!(
+            matches!(
+                error,
+                Error::WrongMirror {
+                    found: 2,
+                    expected: 3
+                }
+            ),
+            "{error}"
+        );
     }
 }

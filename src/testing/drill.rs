@@ -69,6 +69,8 @@ pub struct DrillOptions {
     pub transport: String,
     /// Also measure takeover timings with the log 1 %, 50 % and 100 % full.
     pub profile_takeover: bool,
+    /// The log half sizes the profile runs with (bytes).
+    pub profile_halves: Vec<u64>,
 }
 
 const VOLUME_BYTES: u64 = 64 << 20;
@@ -229,10 +231,21 @@ fn start_pair(
     extra: &str,
     ha: &str,
 ) -> Result<PairHarness> {
+    start_pair_sized(options, dir, extra, ha, HALF_BYTES, VOLUME_BYTES)
+}
+
+fn start_pair_sized(
+    options: &DrillOptions,
+    dir: &std::path::Path,
+    extra: &str,
+    ha: &str,
+    half_bytes: u64,
+    volume_bytes: u64,
+) -> Result<PairHarness> {
     let mut pair = PairHarness::configure(PairSpec {
         dir: dir.to_owned(),
-        volumes: vec![("vol1".into(), VOLUME_BYTES)],
-        half_bytes: HALF_BYTES,
+        volumes: vec![("vol1".into(), volume_bytes)],
+        half_bytes,
         extra_config: extra.to_owned(),
         ha_config: ha.to_owned(),
         binary: None,
@@ -553,8 +566,13 @@ fn settle_in_flight(addr: SocketAddr, ledger: &mut Ledger) -> Result<()> {
 }
 
 /// The profile throttles the replay (as an operator protecting foreground
-/// I/O would) so that "serving" and "replayed" are visibly apart.
+/// I/O would) so that "serving" and "replayed" are visibly apart: to this,
+/// or a half every two seconds for larger logs.
 const PROFILE_REPLAY_BYTES_PER_S: u64 = 4 << 20;
+
+fn profile_replay_rate(half_bytes: u64) -> u64 {
+    PROFILE_REPLAY_BYTES_PER_S.max(half_bytes / 2)
+}
 
 /// Takeover timings with the victim's log 1 %, 50 % and 100 % of a half
 /// full: from kill -9 to the first read served, to the index being built
@@ -563,105 +581,139 @@ fn profile_takeover(options: &DrillOptions) -> Result<(bool, String)> {
     let mut report = String::new();
     let _ = writeln!(
         report,
-        "takeover profile (log of node 1, {} MiB halves; consistency points held off; replay throttled to {} MiB/s):",
-        HALF_BYTES >> 20,
+        "takeover profile (log of node 1; consistency points held off; replay throttled to {} MiB/s, or half a log half a second):",
         PROFILE_REPLAY_BYTES_PER_S >> 20
     );
     let _ = writeln!(
         report,
-        "{:>9} {:>12} {:>16} {:>12} {:>14} {:>10}",
-        "log full", "replay MiB", "kill->1st read", "index+serve", "kill->replayed", "verified"
+        "{:>6} {:>9} {:>12} {:>16} {:>12} {:>14} {:>14} {:>10}",
+        "half",
+        "log full",
+        "replay MiB",
+        "kill->1st read",
+        "index+serve",
+        "tail scanned",
+        "kill->replayed",
+        "verified"
     );
     let mut passed = true;
-    for percent in [1u64, 50, 100] {
-        let dir = options.dir.join(format!("profile-{percent}"));
-        let mut pair = start_pair(
-            options,
-            &dir,
-            "[consistency_point]\ninterval_ms = 3600000\nthreshold_percent = 100\n",
-            &format!("replay_max_bytes_per_s = {PROFILE_REPLAY_BYTES_PER_S}\n"),
-        )?;
-        // Fill the log: distinct blocks, so every byte is replayed. Stay a
-        // few records short of closing the half (which would start a CP).
-        let target_bytes = (HALF_BYTES * percent / 100)
-            .saturating_sub(64 << 10)
-            .max(BLOCK_BYTES as u64);
-        let record_bytes = (BLOCK_BYTES as u64 + 64) * 16;
-        let writes = (target_bytes / record_bytes).max(1);
-        let mut ledger = Ledger {
-            volume: "vol1".into(),
-            volume_id: crate::storage::volume::volume_id(1, 0),
-            first_block: 0,
-            blocks: VOLUME_BYTES / BLOCK_BYTES as u64,
-            state: Default::default(),
-            writes_acked: 0,
-            bytes_acked: 0,
-            latencies_us: Vec::new(),
-            stopped_by: None,
-        };
-        let mut client = NbdClient::connect(pair.node(1).nbd, "vol1", Duration::from_secs(10))
-            .map_err(|error| failed(error.to_string()))?;
-        for i in 0..writes {
-            let stamp = (1 << 40) | (i + 1);
-            let start = i * 16;
-            let mut data = Vec::with_capacity(16 * BLOCK_BYTES);
-            for block in start..start + 16 {
-                data.extend_from_slice(&block_pattern(ledger.volume_id, block, stamp));
-            }
-            client
-                .write(start * BLOCK_BYTES as u64, &data, false)
-                .map_err(|error| failed(error.to_string()))?;
-            for block in start..start + 16 {
-                ledger.state.entry(block).or_default().acked = stamp;
-            }
-            ledger.bytes_acked += data.len() as u64;
-        }
-        client.disconnect();
-        let nbd1 = pair.node(1).nbd;
-        pair.node(1).kill9();
-        let killed = Instant::now();
-        // The first read served, on the dead node's address.
-        let mut first_read_ms = None;
-        let mut buf = vec![0u8; BLOCK_BYTES];
-        while killed.elapsed() < TAKEOVER_DEADLINE {
-            if let Ok(mut client) = NbdClient::connect(nbd1, "vol1", Duration::from_secs(2)) {
-                if client.read(0, &mut buf).is_ok() {
-                    first_read_ms = Some(killed.elapsed().as_millis() as u64);
-                    break;
-                }
-            }
-            std::thread::sleep(Duration::from_millis(10));
-        }
-        wait_until("the replay to end", Duration::from_secs(120), || {
-            pair.node(2)
-                .status()
-                .is_ok_and(|s| s.takeover.holding_partner_volumes && !s.replay.active)
-        })?;
-        let replayed_ms = killed.elapsed().as_millis() as u64;
-        let status = pair.node(2).status()?;
-        let (blocks, mismatches) = verify_all(pair.node(2).nbd, std::slice::from_ref(&ledger))?;
-        passed &= mismatches == 0 && first_read_ms.is_some();
-        let _ = writeln!(
-            report,
-            "{:>8}% {:>12.1} {:>13} ms {:>9} ms {:>11} ms {:>10}",
-            percent,
-            status.replay.total_bytes as f64 / (1 << 20) as f64,
-            opt(first_read_ms),
-            opt(status.last_takeover.map(|t| t.resume_ms)),
-            replayed_ms,
-            if mismatches == 0 {
-                format!("{blocks} ok")
-            } else {
-                format!("{mismatches} BAD")
-            }
-        );
-        for node in [1, 2] {
-            let _ = pair.node(node).stop(Duration::from_secs(30));
+    for &half_bytes in &options.profile_halves {
+        for percent in [1u64, 50, 100] {
+            passed &= profile_one(options, &mut report, half_bytes, percent)?;
         }
     }
     let _ = writeln!(
         report,
-        "kill->1st read is failure detection (interconnect and mailbox timeouts, 1 s each here) plus fence, scan and index: it does not wait for the replay."
+        "kill->1st read is failure detection (interconnect and mailbox timeouts, 1 s each here) plus fence, index and serve: it does not wait for the replay."
     );
     Ok((passed, report))
+}
+
+/// One row of the profile: node 1's log `percent` full of a half of
+/// `half_bytes`, kill -9, and node 2's takeover timed.
+fn profile_one(
+    options: &DrillOptions,
+    report: &mut String,
+    half_bytes: u64,
+    percent: u64,
+) -> Result<bool> {
+    let volume_bytes = VOLUME_BYTES.max(half_bytes);
+    let dir = options
+        .dir
+        .join(format!("profile-{}-{percent}", half_bytes >> 20));
+    let mut pair = start_pair_sized(
+        options,
+        &dir,
+        "[consistency_point]\ninterval_ms = 3600000\nthreshold_percent = 100\n",
+        &format!(
+            "replay_max_bytes_per_s = {}\n",
+            profile_replay_rate(half_bytes)
+        ),
+        half_bytes,
+        volume_bytes,
+    )?;
+    // Fill the log: distinct blocks, so every byte is replayed. Stay a
+    // few records short of closing the half (which would start a CP).
+    let target_bytes = (half_bytes * percent / 100)
+        .saturating_sub(64 << 10)
+        .max(BLOCK_BYTES as u64);
+    let record_bytes = (BLOCK_BYTES as u64 + 64) * 16;
+    let writes = (target_bytes / record_bytes).max(1);
+    let mut ledger = Ledger {
+        volume: "vol1".into(),
+        volume_id: crate::storage::volume::volume_id(1, 0),
+        first_block: 0,
+        blocks: volume_bytes / BLOCK_BYTES as u64,
+        state: Default::default(),
+        writes_acked: 0,
+        bytes_acked: 0,
+        latencies_us: Vec::new(),
+        stopped_by: None,
+    };
+    let mut client = NbdClient::connect(pair.node(1).nbd, "vol1", Duration::from_secs(10))
+        .map_err(|error| failed(error.to_string()))?;
+    for i in 0..writes {
+        let stamp = (1 << 40) | (i + 1);
+        let start = i * 16;
+        let mut data = Vec::with_capacity(16 * BLOCK_BYTES);
+        for block in start..start + 16 {
+            data.extend_from_slice(&block_pattern(ledger.volume_id, block, stamp));
+        }
+        client
+            .write(start * BLOCK_BYTES as u64, &data, false)
+            .map_err(|error| failed(error.to_string()))?;
+        for block in start..start + 16 {
+            ledger.state.entry(block).or_default().acked = stamp;
+        }
+        ledger.bytes_acked += data.len() as u64;
+    }
+    client.disconnect();
+    let nbd1 = pair.node(1).nbd;
+    pair.node(1).kill9();
+    let killed = Instant::now();
+    // The first read served, on the dead node's address.
+    let mut first_read_ms = None;
+    let mut buf = vec![0u8; BLOCK_BYTES];
+    while killed.elapsed() < TAKEOVER_DEADLINE {
+        if let Ok(mut client) = NbdClient::connect(nbd1, "vol1", Duration::from_secs(2)) {
+            if client.read(0, &mut buf).is_ok() {
+                first_read_ms = Some(killed.elapsed().as_millis() as u64);
+                break;
+            }
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    // The throttled replay of a full half takes about 2 s (8 MiB: 2 s).
+    wait_until("the replay to end", Duration::from_secs(120), || {
+        pair.node(2)
+            .status()
+            .is_ok_and(|s| s.takeover.holding_partner_volumes && !s.replay.active)
+    })?;
+    let replayed_ms = killed.elapsed().as_millis() as u64;
+    let status = pair.node(2).status()?;
+    let (blocks, mismatches) = verify_all(pair.node(2).nbd, std::slice::from_ref(&ledger))?;
+    let _ = writeln!(
+        report,
+        "{:>4}Mi {:>8}% {:>12.1} {:>13} ms {:>9} ms {:>14} {:>11} ms {:>10}",
+        half_bytes >> 20,
+        percent,
+        status.replay.total_bytes as f64 / (1 << 20) as f64,
+        opt(first_read_ms),
+        opt(status.last_takeover.as_ref().map(|t| t.resume_ms)),
+        match &status.last_takeover {
+            Some(t) if t.cold => "all (cold)".to_owned(),
+            Some(t) => format!("{} rec", t.tail_records),
+            None => "-".to_owned(),
+        },
+        replayed_ms,
+        if mismatches == 0 {
+            format!("{blocks} ok")
+        } else {
+            format!("{mismatches} BAD")
+        }
+    );
+    for node in [1, 2] {
+        let _ = pair.node(node).stop(Duration::from_secs(30));
+    }
+    Ok(mismatches == 0 && first_read_ms.is_some())
 }
