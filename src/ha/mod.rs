@@ -3,7 +3,8 @@
 //!
 //! The files follow the life of a pair: [`boot`] (what a starting node
 //! serves), [`monitor`] (heartbeats, failure detection, automatic takeover
-//! and giveback), [`takeover`] with its persisted [`index`], [`replay`],
+//! and giveback), [`warm_index`] (the partner's mirror indexed while it is
+//! healthy), [`takeover`] with its persisted [`index`], [`replay`],
 //! [`giveback`], and the operator's view in [`status`].
 //!
 //! # Failure detection
@@ -27,9 +28,11 @@
 //!    Because P marks "out of sync" before its fence check and its
 //!    acknowledgement, reading after the fence closes the race.
 //! 3. Stop the receiver (nothing more lands in the mirror), make the mirror
-//!    durable, scan it from P's flushed LSN.
-//! 4. Build the metadata index (P's volume ranges → records in the mirror),
-//!    persist it in S's data directory.
+//!    durable.
+//! 4. Build the metadata index (P's volume ranges → records in the mirror
+//!    past P's flushed LSN): the warm index, checked against the mirror,
+//!    plus a scan of the tail since its last pass (or of the whole mirror,
+//!    if the check fails); persist it in S's data directory.
 //! 5. Serve P's volumes at once: reads from the index, else from the files;
 //!    writes through S's own log. Bind P's NBD address if possible, run the
 //!    hook.

@@ -176,13 +176,12 @@ impl HaNode {
     pub fn status(&self) -> Status {
         let (me, partner) = self.me_and_partner();
         let now = Instant::now();
-        // Before `state`: the lock order is the warm index, then the state.
+        // As of the last pass (the index itself is locked during a pass).
         let warm_index = {
-            let (records, bytes) = self.warm_index.lock().size();
             let progress = *self.warm_progress.lock();
             WarmIndexStatus {
-                records,
-                bytes,
+                records: progress.records,
+                bytes: progress.bytes,
                 passes: progress.passes,
                 lag_records: progress.last_pass.records,
                 lag_bytes: progress.last_pass.bytes,

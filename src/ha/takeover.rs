@@ -121,7 +121,8 @@ impl HaNode {
         // which a giveback hands back with the partner's log intact.
         let indexed = (|| -> Result<(Vec<Arc<Volume>>, MailboxState, Finished)> {
             // 3. Nothing more lands in the mirror; make it durable (the warm
-            // index persisted what it walked: little is left to write back).
+            // index persists it every `ha.warm_index_persist_ms`: little is
+            // left to write back).
             self.node.shutdown_receiver();
             self.node.region.persist(
                 self.node.region.mirror().offset,
@@ -132,6 +133,10 @@ impl HaNode {
             // cannot be used).
             let (volumes, partner_mailbox) = self.open_partner_volumes(&ours)?;
             let warm = std::mem::take(&mut *self.warm_index.lock());
+            {
+                let mut progress = self.warm_progress.lock();
+                (progress.records, progress.bytes) = (0, 0);
+            }
             let mirror = self.mirror_view();
             let finished = if log_replayed {
                 tracing::warn!(

@@ -116,14 +116,36 @@ impl Finished {
     }
 }
 
-/// The mirror's header, if it is not blank; an error if it is destroyed or
-/// names another node than `partner`.
+/// The mirror's header, if it is not blank; an error if it is destroyed,
+/// does not fit the mirror, or names another node than `partner`.
 pub fn check_mirror_header(mirror: &Mirror, partner: u32) -> Result<Option<LogHeader>> {
-    match read_mirror_header(mirror) {
-        HeaderRead::Valid(header) if header.node_id != partner => Err(Error::WrongMirror {
+    match fitting_header(mirror)? {
+        Some(header) if header.node_id != partner => Err(Error::WrongMirror {
             found: header.node_id,
             expected: partner,
         }),
+        header => Ok(header),
+    }
+}
+
+/// The mirror's header, if it is not blank; an error if it is destroyed or
+/// describes halves that do not fit the mirror (it is the partner's bytes:
+/// nothing it says is trusted).
+fn fitting_header(mirror: &Mirror) -> Result<Option<LogHeader>> {
+    match read_mirror_header(mirror) {
+        HeaderRead::Valid(header)
+            if LOG_HEADER_BYTES.checked_add(header.half_len.saturating_mul(2))
+                != Some(mirror.memory.len() as u64) =>
+        {
+            Err(nvlog::Error::Geometry {
+                reason: format!(
+                    "the mirror holds {} bytes, but its header describes {}-byte halves",
+                    mirror.memory.len(),
+                    header.half_len
+                ),
+            }
+            .into())
+        }
         HeaderRead::Valid(header) => Ok(Some(header)),
         HeaderRead::Blank => Ok(None),
         HeaderRead::Corrupt { slot_a, slot_b } => {
@@ -146,13 +168,12 @@ impl WarmIndex {
     /// `budget_bytes` of records (the rest waits for the next pass).
     pub fn pass(&mut self, mirror: &Mirror, budget_bytes: u64) -> PassReport {
         let mut report = PassReport::default();
-        let header = match read_mirror_header(mirror) {
-            HeaderRead::Valid(header) => header,
-            HeaderRead::Blank | HeaderRead::Corrupt { .. } => {
-                report.started_over = self.header.is_some();
-                self.start_over();
-                return report;
-            }
+        // Which node's log it is, the takeover checks; a header that does
+        // not fit the mirror (or none) leaves nothing to index.
+        let Ok(Some(header)) = fitting_header(mirror) else {
+            report.started_over = self.header.is_some();
+            self.start_over();
+            return report;
         };
         if !self.reconcile(&header) {
             report.started_over = true;
@@ -478,6 +499,9 @@ pub(super) struct WarmProgress {
     pub passes: u64,
     pub last_pass: PassReport,
     pub starts_over: u64,
+    /// Records walked (and their bytes) after the last pass.
+    pub records: u64,
+    pub bytes: u64,
     /// When the indexer last persisted the mirror.
     pub persisted_at: Option<std::time::Instant>,
 }
@@ -503,6 +527,9 @@ impl crate::ha::HaNode {
                 return Ok(PassReport::default());
             }
         }
+        // A takeover may start now and take the index before this pass
+        // locks it; the pass then fills a fresh index that nothing trusts
+        // unchecked (a later takeover compares it with the mirror).
         let mirror = self.mirror_view();
         let mut index = self.warm_index.lock();
         let report = index.pass(&mirror, budget_bytes);
@@ -525,6 +552,7 @@ impl crate::ha::HaNode {
             self.node.region.persist(area.offset, area.len)?;
         }
         let mut progress = self.warm_progress.lock();
+        (progress.records, progress.bytes) = (walked, walked_bytes);
         progress.passes += 1;
         progress.last_pass = report;
         progress.starts_over += u64::from(report.started_over);
@@ -736,6 +764,43 @@ mod tests {
         assert!(finished.cold, "the index no longer matched the mirror");
         let pieces = volumes[0].extents.lock().all_pieces();
         assert_eq!(pieces.len(), 6);
+    }
+
+    #[test]
+    fn a_header_that_does_not_fit_the_mirror_is_refused_not_followed() {
+        let setup = setup();
+        let region = Arc::new(Region::in_memory(
+            PARTNER,
+            Geometry::new(HALF * 2).expect("geometry"),
+        ));
+        let (larger, _) = Log::open(region).expect("log");
+        let data = vec![7u8; 3000];
+        for block in 0..5 {
+            let reservation = larger.try_reserve(data.len()).expect("room");
+            larger
+                .append(
+                    reservation,
+                    &RecordData::write(volume_id(PARTNER, 0), block * 4096, &data),
+                )
+                .expect("append");
+        }
+        // As much of a log with larger halves as the mirror holds.
+        let image = larger.live_image();
+        setup
+            .mirror
+            .memory
+            .write_at(0, &image[..setup.mirror.memory.len()])
+            .expect("write");
+        let mut index = WarmIndex::default();
+        assert_eq!(index.pass(&setup.mirror, u64::MAX).records, 0);
+        let volumes = setup.volumes();
+        let error = index
+            .finish(&setup.mirror, PARTNER, &volumes)
+            .expect_err("halves of another size");
+        assert!(
+            matches!(error, Error::Log(nvlog::Error::Geometry { .. })),
+            "{error}"
+        );
     }
 
     #[test]

@@ -214,7 +214,18 @@ pub fn run(options: &SimOptions) -> Result<SimReport, Box<SimFailure>> {
             report: SimReport::default(),
         })
     })?;
-    let result = world.run();
+    // An assertion of the node (an invariant) failing is a failure of the
+    // seed like any other: reported with the seed, the trace and the
+    // command that replays it.
+    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| world.run()))
+        .unwrap_or_else(|payload| {
+            let message = payload
+                .downcast_ref::<String>()
+                .map(String::as_str)
+                .or_else(|| payload.downcast_ref::<&str>().copied())
+                .unwrap_or("(no message)");
+            Err(format!("a node panicked: {message}"))
+        });
     let report = world.report();
     result.map(|()| report.clone()).map_err(|violation| {
         Box::new(SimFailure {
