@@ -9,14 +9,16 @@
 //! torn, while a pass copies them: a pass ends at the first record that is
 //! not whole yet, and the next pass resumes there.
 //!
-//! The mirror changes under the index in three ways, each handled:
+//! The mirror changes under the index in these ways, each handled:
 //! - the partner's consistency point frees a half (its flushed LSN moves
 //!   past every record in it): the entries of those records are retired,
-//!   and the records are forgotten once the half is reused;
+//!   and the records are forgotten;
 //! - the partner opens its next half: the scan goes on in it;
-//! - anything else (a resync after a reconnect rewrites the mirror, the
-//!   partner's log was formatted afresh, the header is unreadable): the
-//!   index starts over.
+//! - anything else the header shows (the partner's log formatted afresh,
+//!   an unreadable header, halves that do not fit, a flushed LSN going
+//!   back): the index starts over;
+//! - a resync that rewrote records under an unchanged header: the
+//!   takeover's check below finds it.
 //!
 //! A takeover trusts nothing it did not check: it compares the header of
 //! every record the index holds with the mirror's bytes (64 bytes a record,
@@ -37,8 +39,11 @@ use crate::node::recovery::source_of;
 use crate::storage::extents::{ExtentMap, Origin};
 use crate::storage::volume::Volume;
 
-/// Bytes copied out of the mirror at once; a record larger than this makes
-/// the window grow to hold it.
+/// Bytes copied out of the mirror at once: a pass starts small (an idle
+/// mirror costs a header and this much), and doubles while records fill
+/// the windows, up to the largest; a record larger than that makes the
+/// window grow to hold it.
+const FIRST_WINDOW_BYTES: usize = 64 << 10;
 const WINDOW_BYTES: usize = 4 << 20;
 
 /// The partner's mirror as the index reads it: through atomic copies,
@@ -229,17 +234,19 @@ impl WarmIndex {
             *gone = before.halves[half].state.is_live() && !unchanged(half);
         }
         let mut all_flushed = true;
+        let mut dropped_bytes = 0;
         self.walked.retain(|record| {
             if !gone_half[record.half] {
                 return true;
             }
             all_flushed &= lsn_of(&record.header) <= flushed;
+            dropped_bytes += record_len(&record.header);
             false
         });
         if !all_flushed {
             return false;
         }
-        self.walked_bytes = self.walked.iter().map(|r| record_len(&r.header)).sum();
+        self.walked_bytes -= dropped_bytes;
         if flushed > before.flushed_lsn {
             for map in self.extents.values_mut() {
                 map.remove_mirror_through(flushed);
@@ -259,7 +266,7 @@ impl WarmIndex {
         // only those past the flushed LSN get extents.
         let mut follow = header;
         follow.flushed_lsn = 0;
-        let mut window_len = WINDOW_BYTES;
+        let mut window_len = FIRST_WINDOW_BYTES;
         let mut window = Vec::new();
         loop {
             if budget_bytes.is_some_and(|budget| report.bytes >= budget) {
@@ -283,7 +290,7 @@ impl WarmIndex {
                     half: at.half,
                     header: bytes,
                 });
-                let len = record_len(&bytes);
+                let len = record.header.encoded_len() as u64;
                 self.walked_bytes += len;
                 report.records += 1;
                 report.bytes += len;
@@ -307,10 +314,13 @@ impl WarmIndex {
             at = next;
             match stop {
                 Some(stop) if stop.reason == StopReason::EndOfWindow => {
-                    if !moved && report.records == before {
-                        if window_len as u64 >= header.half_len {
-                            break;
-                        }
+                    if moved || report.records > before {
+                        // Records fill the windows: more are likely.
+                        window_len = (window_len * 2).min(WINDOW_BYTES).max(window_len);
+                    } else if window_len as u64 >= header.half_len {
+                        break;
+                    } else {
+                        // One record larger than the window.
                         window_len *= 2;
                     }
                 }
