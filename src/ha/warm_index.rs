@@ -35,7 +35,7 @@ use nvlog::region::LOG_HEADER_BYTES;
 use nvlog::{LogHeader, ScanPosition, Scanner, StopReason};
 
 use crate::error::{Error, Result};
-use crate::node::recovery::source_of;
+use crate::node::recovery::{fits_in, insert_record};
 use crate::storage::extents::{ExtentMap, Origin};
 use crate::storage::volume::Volume;
 
@@ -294,16 +294,12 @@ impl WarmIndex {
                 self.walked_bytes += len;
                 report.records += 1;
                 report.bytes += len;
-                let h = record.header;
-                if h.lsn > header.flushed_lsn {
-                    let payload_at =
-                        mirror.region_offset + record.log_offset + RECORD_HEADER_BYTES as u64;
-                    self.extents.entry(h.volume).or_default().insert_from(
+                if record.header.lsn > header.flushed_lsn {
+                    insert_record(
+                        self.extents.entry(record.header.volume).or_default(),
                         Origin::Mirror,
-                        h.offset,
-                        h.extent_len,
-                        h.lsn,
-                        source_of(h.kind, payload_at),
+                        mirror.region_offset,
+                        &record,
                     );
                 }
             }
@@ -368,13 +364,7 @@ impl WarmIndex {
             let decoded = nvlog::record::decode_header(&record.header).expect("walked record");
             let fits = volumes
                 .iter()
-                .find(|v| v.id == decoded.volume)
-                .is_some_and(|volume| {
-                    decoded
-                        .offset
-                        .checked_add(decoded.extent_len)
-                        .is_some_and(|end| end <= volume.size_bytes)
-                });
+                .any(|v| v.id == decoded.volume && fits_in(&decoded, v));
             if !fits {
                 tracing::error!(
                     volume = decoded.volume,
@@ -453,24 +443,18 @@ pub fn assert_same_as_a_full_scan(mirror: &Mirror, volumes: &[Arc<Volume>]) {
     let mut expected: HashMap<u32, ExtentMap> = HashMap::new();
     if let Ok(scanner) = Scanner::new(&image) {
         for record in scanner {
-            let h = record.header;
-            let Some(volume) = volumes.iter().find(|v| v.id == h.volume) else {
-                continue;
-            };
-            if h.offset
-                .checked_add(h.extent_len)
-                .map_or(true, |end| end > volume.size_bytes)
+            let volume = record.header.volume;
+            if volumes
+                .iter()
+                .any(|v| v.id == volume && fits_in(&record.header, v))
             {
-                continue;
+                insert_record(
+                    expected.entry(volume).or_default(),
+                    Origin::Mirror,
+                    mirror.region_offset,
+                    &record,
+                );
             }
-            let payload_at = mirror.region_offset + record.log_offset + RECORD_HEADER_BYTES as u64;
-            expected.entry(h.volume).or_default().insert_from(
-                Origin::Mirror,
-                h.offset,
-                h.extent_len,
-                h.lsn,
-                source_of(h.kind, payload_at),
-            );
         }
     }
     for volume in volumes {

@@ -5,11 +5,11 @@
 
 use std::sync::Arc;
 
-use nvlog::{RecordKind, Scanner};
+use nvlog::{RecordHeader, RecordKind, ScannedRecord, Scanner};
 
 use crate::error::Result;
 use crate::node::Node;
-use crate::storage::extents::{Origin, Source};
+use crate::storage::extents::{ExtentMap, Origin, Source};
 use crate::storage::volume::Volume;
 
 /// Where the bytes of a record of `kind` whose payload starts at region
@@ -20,6 +20,33 @@ pub fn source_of(kind: RecordKind, payload_at: u64) -> Source {
         RecordKind::WriteZeroes => Source::Zero,
         RecordKind::Trim => Source::Hole,
     }
+}
+
+/// Whether the extent of the record `header` lies inside `volume`.
+pub fn fits_in(header: &RecordHeader, volume: &Volume) -> bool {
+    header
+        .offset
+        .checked_add(header.extent_len)
+        .is_some_and(|end| end <= volume.size_bytes)
+}
+
+/// Put the extent of `record`, scanned from a log that lies at
+/// `area_offset` of the region, into `map`, as record of `origin`'s log.
+pub fn insert_record(
+    map: &mut ExtentMap,
+    origin: Origin,
+    area_offset: u64,
+    record: &ScannedRecord<'_>,
+) {
+    let header = record.header;
+    let payload_at = area_offset + record.log_offset + nvlog::record::RECORD_HEADER_BYTES as u64;
+    map.insert_from(
+        origin,
+        header.offset,
+        header.extent_len,
+        header.lsn,
+        source_of(header.kind, payload_at),
+    );
 }
 
 /// Put the records `scanner` yields into the dirty maps of `volumes`,
@@ -45,23 +72,11 @@ pub fn index_records(
             );
             continue;
         };
-        if header
-            .offset
-            .checked_add(header.extent_len)
-            .map_or(true, |end| end > volume.size_bytes)
-        {
+        if !fits_in(&header, volume) {
             tracing::error!(volume = %volume.name, lsn = header.lsn, ?origin, "log record beyond the end of its volume; skipped");
             continue;
         }
-        let payload_at =
-            area_offset + record.log_offset + nvlog::record::RECORD_HEADER_BYTES as u64;
-        volume.extents.lock().insert_from(
-            origin,
-            header.offset,
-            header.extent_len,
-            header.lsn,
-            source_of(header.kind, payload_at),
-        );
+        insert_record(&mut volume.extents.lock(), origin, area_offset, &record);
         records += 1;
     }
     records
