@@ -17,9 +17,8 @@ use std::time::{Duration, Instant};
 use interconnect::SharedMemory;
 use nvlog::{Geometry, Log, RecordData, Region};
 use nvmirror::ha::warm_index::{Mirror, WarmIndex};
-use nvmirror::storage::disk::FileDisks;
-use nvmirror::storage::ownership::{Fence, Ownership};
-use nvmirror::storage::volume::{volume_id, Volume};
+use nvmirror::storage::volume::volume_id;
+use nvmirror::testing::fixtures::taken_over_volume;
 
 const PARTNER: u32 = 2;
 const WRITE_BYTES: usize = 4096;
@@ -249,30 +248,7 @@ fn measure(dir: &std::path::Path, half: u64, percent: u64) -> Row {
     mirror.memory.write_at(0, &image).expect("place");
     let aggregate = dir.join(format!("aggregate-{}-{percent}", half >> 20));
     std::fs::create_dir_all(&aggregate).expect("aggregate");
-    let volumes = || {
-        let ownership = Ownership {
-            format_version: 1,
-            volumes_of: PARTNER,
-            owner: 1,
-            epoch: 1,
-            forced: false,
-            log_replayed: false,
-            reason: "benchmark".into(),
-            updated_unix_ms: 0,
-        };
-        let fence = Arc::new(Fence::new(&aggregate, 1, &ownership));
-        let volume = Volume::open(
-            &FileDisks,
-            &aggregate,
-            PARTNER,
-            0,
-            "v0",
-            volume_bytes,
-            fence,
-        )
-        .expect("volume");
-        vec![Arc::new(volume)]
-    };
+    let volumes = || vec![taken_over_volume(&aggregate, PARTNER, volume_bytes)];
 
     // The warm index's passes, as the partner wrote (timed: its CPU).
     let mut warm = WarmIndex::default();

@@ -571,9 +571,8 @@ impl crate::ha::HaNode {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::storage::disk::FileDisks;
-    use crate::storage::ownership::{Fence, Ownership};
     use crate::storage::volume::volume_id;
+    use crate::testing::fixtures::taken_over_volume;
     use nvlog::{Geometry, Log, RecordData, Region};
 
     const HALF: u64 = 64 * 1024;
@@ -610,16 +609,21 @@ mod tests {
         }
     }
 
+    /// A 3000-byte write of `tag` bytes to block `block` of the partner's
+    /// volume 0.
+    fn write_3000_bytes(log: &Log, block: u64, tag: u8) {
+        let data = vec![tag; 3000];
+        let reservation = log.try_reserve(data.len()).expect("room");
+        log.append(
+            reservation,
+            &RecordData::write(volume_id(PARTNER, 0), block * 4096, &data),
+        )
+        .expect("append");
+    }
+
     impl Setup {
         fn write(&self, block: u64, tag: u8) {
-            let data = vec![tag; 3000];
-            let reservation = self.log.try_reserve(data.len()).expect("room");
-            self.log
-                .append(
-                    reservation,
-                    &RecordData::write(volume_id(PARTNER, 0), block * 4096, &data),
-                )
-                .expect("append");
+            write_3000_bytes(&self.log, block, tag);
         }
 
         /// Everything the partner logged has landed in the mirror.
@@ -631,28 +635,7 @@ mod tests {
         }
 
         fn volumes(&self) -> Vec<Arc<Volume>> {
-            let ownership = Ownership {
-                format_version: 1,
-                volumes_of: PARTNER,
-                owner: 1,
-                epoch: 1,
-                forced: false,
-                log_replayed: false,
-                reason: "test".into(),
-                updated_unix_ms: 0,
-            };
-            let fence = Arc::new(Fence::new(&self.aggregate, 1, &ownership));
-            let volume = Volume::open(
-                &FileDisks,
-                &self.aggregate,
-                PARTNER,
-                0,
-                "v0",
-                1 << 20,
-                fence,
-            )
-            .expect("volume");
-            vec![Arc::new(volume)]
+            vec![taken_over_volume(&self.aggregate, PARTNER, 1 << 20)]
         }
 
         fn finish(&self, index: WarmIndex) -> (Finished, Vec<Arc<Volume>>) {
@@ -768,15 +751,8 @@ mod tests {
             Geometry::new(HALF * 2).expect("geometry"),
         ));
         let (larger, _) = Log::open(region).expect("log");
-        let data = vec![7u8; 3000];
         for block in 0..5 {
-            let reservation = larger.try_reserve(data.len()).expect("room");
-            larger
-                .append(
-                    reservation,
-                    &RecordData::write(volume_id(PARTNER, 0), block * 4096, &data),
-                )
-                .expect("append");
+            write_3000_bytes(&larger, block, 7);
         }
         // As much of a log with larger halves as the mirror holds.
         let image = larger.live_image();

@@ -170,3 +170,36 @@ pub fn example_status() -> Status {
         last_takeover: None,
     }
 }
+
+/// Volume 0 (`v0`) of node `set`, `size_bytes` long, as node 1 opens it
+/// after taking it over (epoch 1): a file in `aggregate`, its map empty.
+pub fn taken_over_volume(
+    aggregate: &std::path::Path,
+    set: u32,
+    size_bytes: u64,
+) -> std::sync::Arc<crate::storage::volume::Volume> {
+    use crate::storage::ownership::{Fence, Ownership};
+    let ownership = Ownership {
+        format_version: 1,
+        volumes_of: set,
+        owner: 1,
+        epoch: 1,
+        forced: false,
+        log_replayed: false,
+        reason: "taken over by a test".into(),
+        updated_unix_ms: 0,
+    };
+    let fence = std::sync::Arc::new(Fence::new(aggregate, 1, &ownership));
+    std::sync::Arc::new(
+        crate::storage::volume::Volume::open(
+            &crate::storage::disk::FileDisks,
+            aggregate,
+            set,
+            0,
+            "v0",
+            size_bytes,
+            fence,
+        )
+        .expect("a volume file in the test's aggregate"),
+    )
+}
