@@ -38,7 +38,7 @@
 //! auto_giveback_delay_ms = 30000      # absent: giveback only by `nvmirror giveback`
 //! hook = "/etc/nvmirror/move-ip.sh"   # run on takeover and giveback
 //! warm_index_interval_ms = 20         # index the partner's mirror this often; 0: off
-//! warm_index_persist_ms = 1000        # and persist it this often; 0: only at takeover
+//! warm_index_writeback_ms = 1000     # and start the mirror's writeback this often; 0: never
 //! ```
 
 use std::io::Read;
@@ -191,12 +191,13 @@ pub struct HaConfig {
     /// it off, and a takeover scans the whole mirror.
     #[serde(default = "default_warm_index_interval_ms")]
     pub warm_index_interval_ms: u64,
-    /// How often the warm index also persists the mirror, so that a
-    /// takeover has little to write back; 0: never (the takeover writes
-    /// back all that is dirty). It costs disk writes and write faults while
-    /// the partner writes (see the README's benchmarks).
-    #[serde(default = "default_warm_index_persist_ms")]
-    pub warm_index_persist_ms: u64,
+    /// How often the warm index also starts writing the mirror back to its
+    /// file (without waiting for it), so that a takeover's persist has
+    /// little left to wait for; 0: never (the takeover writes back all that
+    /// is dirty). It costs disk writes while the partner writes (see the
+    /// README's benchmarks).
+    #[serde(default = "default_warm_index_writeback_ms")]
+    pub warm_index_writeback_ms: u64,
 }
 
 impl Default for HaConfig {
@@ -210,7 +211,7 @@ impl Default for HaConfig {
             hook: None,
             replay_max_bytes_per_s: None,
             warm_index_interval_ms: default_warm_index_interval_ms(),
-            warm_index_persist_ms: default_warm_index_persist_ms(),
+            warm_index_writeback_ms: default_warm_index_writeback_ms(),
         }
     }
 }
@@ -316,7 +317,7 @@ fn default_mailbox_timeout_ms() -> u64 {
 fn default_warm_index_interval_ms() -> u64 {
     20
 }
-fn default_warm_index_persist_ms() -> u64 {
+fn default_warm_index_writeback_ms() -> u64 {
     1000
 }
 /// A pass less often than this would leave the index too far behind to
@@ -457,10 +458,10 @@ impl Config {
         if self.consistency_point.interval_ms == 0 {
             return Err(invalid("consistency_point.interval_ms", "must be positive"));
         }
-        if self.ha.warm_index_persist_ms > WARM_INDEX_INTERVAL_MAX_MS {
+        if self.ha.warm_index_writeback_ms > WARM_INDEX_INTERVAL_MAX_MS {
             return Err(invalid(
-                "ha.warm_index_persist_ms",
-                format!("must be at most {WARM_INDEX_INTERVAL_MAX_MS} (0: only at takeover)"),
+                "ha.warm_index_writeback_ms",
+                format!("must be at most {WARM_INDEX_INTERVAL_MAX_MS} (0: never)"),
             ));
         }
         if self.ha.warm_index_interval_ms > WARM_INDEX_INTERVAL_MAX_MS {

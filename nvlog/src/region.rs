@@ -148,6 +148,9 @@ pub struct Region {
     geometry: Geometry,
     node_id: u32,
     path: Option<PathBuf>,
+    /// The mapped file, kept open to start its writeback early
+    /// ([`Region::start_writeback`]); None in memory.
+    file: Option<File>,
     /// Memory mode only: the bytes a crash would keep.
     durable_image: Option<Mutex<Vec<u8>>>,
 }
@@ -186,6 +189,7 @@ impl Region {
             geometry,
             node_id,
             path: Some(path.to_owned()),
+            file: Some(file),
             durable_image: None,
         };
         region.format_or_check()?;
@@ -225,6 +229,7 @@ impl Region {
             geometry,
             node_id,
             path: None,
+            file: None,
             durable_image: Some(Mutex::new(vec![0; len])),
         };
         region
@@ -250,6 +255,7 @@ impl Region {
             geometry,
             node_id,
             path: None,
+            file: None,
             durable_image: Some(Mutex::new(image.to_vec())),
         };
         region.format_or_check()?;
@@ -325,6 +331,21 @@ impl Region {
         let mut bytes = vec![0; area.len as usize];
         self.read(area.offset, &mut bytes);
         bytes
+    }
+
+    /// Start writing `offset..offset + len` back to the file without waiting
+    /// (sync_file_range WRITE): no durability point, only less for a later
+    /// [`Region::persist`] to wait for. A DAX mapping or process memory has
+    /// no page cache to drain, so nothing is done there.
+    pub fn start_writeback(&self, offset: u64, len: u64) -> Result<()> {
+        let (Backing::Msync, Some(file)) = (self.mapping.backing(), &self.file) else {
+            return Ok(());
+        };
+        crate::sys::start_writeback(file, offset, len).map_err(|source| Error::Persist {
+            offset,
+            end: offset + len,
+            source,
+        })
     }
 
     /// Make `offset..offset + len` durable in the region's mode.

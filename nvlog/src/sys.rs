@@ -212,6 +212,27 @@ impl Mapping {
     }
 }
 
+/// Start writeback of the dirty pages of `file` in `offset..offset + len`
+/// (sync_file_range with SYNC_FILE_RANGE_WRITE): it waits for neither the
+/// pages nor the file's metadata, so it promises nothing durable.
+pub(crate) fn start_writeback(file: &File, offset: u64, len: u64) -> io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let (offset, len) = (
+        i64::try_from(offset).map_err(|_| io::ErrorKind::InvalidInput)?,
+        i64::try_from(len).map_err(|_| io::ErrorKind::InvalidInput)?,
+    );
+    // SAFETY: sync_file_range takes an open descriptor (borrowed from `file`
+    // for the call) and plain integers; it touches no memory of ours.
+    let rc = unsafe {
+        libc::sync_file_range(file.as_raw_fd(), offset, len, libc::SYNC_FILE_RANGE_WRITE)
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
 impl Drop for Mapping {
     fn drop(&mut self) {
         match self.backing {

@@ -117,6 +117,11 @@ pub fn node_metrics(ha: &HaNode) -> String {
         gauge(status.warm_index.lag_bytes),
     );
     registry.register(
+        "warm_index_cpu_seconds",
+        "CPU time the warm index's passes took since the node started",
+        ConstCounter::new(status.warm_index.cpu_ms as f64 / 1e3),
+    );
+    registry.register(
         "takeovers",
         "Takeovers done by this node since it started",
         ConstCounter::new(u64::from(status.last_takeover.is_some())),

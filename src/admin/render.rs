@@ -17,7 +17,7 @@ use crate::ha::status::Status;
 ///   vol0  node 1's  owner 1  epoch 0  served here  dirty 0 B  1.0 MiB
 /// log: 3.2% of half 0 used; next LSN 10, flushed 4, persisted 9
 /// replay: idle
-/// warm index: 120 records (508.0 KiB) of node 2's log; 3 behind at the last pass
+/// warm index: 120 records (508.0 KiB) of node 2's log; 3 behind at the last pass; 2.3 s of CPU
 /// last takeover: none
 /// ```
 ///
@@ -160,11 +160,12 @@ pub fn render_status(status: &Status) -> String {
     let warm = &status.warm_index;
     let _ = writeln!(
         out,
-        "warm index: {} records ({}) of node {}'s log; {} behind at the last pass",
+        "warm index: {} records ({}) of node {}'s log; {} behind at the last pass; {} of CPU",
         warm.records,
         human_bytes(warm.bytes),
         status.partner.node_id,
-        warm.lag_records
+        warm.lag_records,
+        human_duration_ms(warm.cpu_ms)
     );
 
     match &status.last_takeover {
@@ -350,7 +351,7 @@ volumes:
   database  node 2's  owner 2  epoch 12  not served   dirty 1.5 KiB  10.0 GiB
 log: 3.2% of half 0 used; next LSN 10, flushed 4, persisted 9
 replay: idle
-warm index: 120 records (508.0 KiB) of node 2's log; 3 behind at the last pass
+warm index: 120 records (508.0 KiB) of node 2's log; 3 behind at the last pass; 2.3 s of CPU
 last takeover: none
 ";
         assert_eq!(text, expected, "\n{text}");

@@ -48,6 +48,8 @@ pub struct WarmIndexStatus {
     pub lag_bytes: u64,
     /// Passes that threw the index away (a resync rewrote the mirror).
     pub starts_over: u64,
+    /// CPU time the indexer's passes took since the node started.
+    pub cpu_ms: u64,
 }
 
 /// As its JSON, on one line (for logs and messages).
@@ -186,6 +188,7 @@ impl HaNode {
                 lag_records: progress.last_pass.records,
                 lag_bytes: progress.last_pass.bytes,
                 starts_over: progress.starts_over,
+                cpu_ms: progress.cpu.as_millis() as u64,
             }
         };
         let state = self.state.lock();

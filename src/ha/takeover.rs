@@ -121,7 +121,7 @@ impl HaNode {
         // which a giveback hands back with the partner's log intact.
         let indexed = (|| -> Result<(Vec<Arc<Volume>>, MailboxState, Finished)> {
             // 3. Nothing more lands in the mirror; make it durable (the warm
-            // index persists it every `ha.warm_index_persist_ms`: little is
+            // index starts its writeback every `ha.warm_index_writeback_ms`: little is
             // left to write back).
             self.node.shutdown_receiver();
             self.node.region.persist(

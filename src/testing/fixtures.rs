@@ -166,6 +166,7 @@ pub fn example_status() -> Status {
             lag_records: 3,
             lag_bytes: 12_480,
             starts_over: 1,
+            cpu_ms: 2_340,
         },
         last_takeover: None,
     }
