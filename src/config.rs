@@ -37,6 +37,8 @@
 //! auto_takeover = true
 //! auto_giveback_delay_ms = 30000      # absent: giveback only by `nvmirror giveback`
 //! hook = "/etc/nvmirror/move-ip.sh"   # run on takeover and giveback
+//! fence_command = "fence_ipmilan ..."  # power the partner off before a takeover
+//! fence_timeout_ms = 30000            # its time limit; a timeout is a failure
 //! warm_index_interval_ms = 20         # index the partner's mirror this often; 0: off
 //! warm_index_writeback_ms = 1000     # and start the mirror's writeback this often; 0: never
 //! ```
@@ -182,6 +184,19 @@ pub struct HaConfig {
     /// NVMIRROR_PARTNER_NBD in its environment.
     #[serde(default)]
     pub hook: Option<String>,
+    /// STONITH: a shell command that powers the partner off (or kills it)
+    /// and exits 0 only once it is off. A takeover of a partner that may be
+    /// alive runs it first and goes on only if it succeeds, so that a
+    /// stalled owner cannot wake up and write after the takeover. It gets
+    /// NVMIRROR_EVENT=fence, NVMIRROR_PARTNER, NVMIRROR_PARTNER_INTERCONNECT
+    /// and NVMIRROR_REASON. Absent: the takeover relies on the owner file's
+    /// fence alone (see the README for what that does not cover).
+    #[serde(default)]
+    pub fence_command: Option<String>,
+    /// How long the fence command may take; past it, it is killed and the
+    /// takeover refused.
+    #[serde(default = "default_fence_timeout_ms")]
+    pub fence_timeout_ms: u64,
     /// Throttle of the background replay after a takeover, to leave the
     /// disks to the clients; absent: as fast as the disks go.
     #[serde(default)]
@@ -209,6 +224,8 @@ impl Default for HaConfig {
             auto_takeover: default_auto_takeover(),
             auto_giveback_delay_ms: None,
             hook: None,
+            fence_command: None,
+            fence_timeout_ms: default_fence_timeout_ms(),
             replay_max_bytes_per_s: None,
             warm_index_interval_ms: default_warm_index_interval_ms(),
             warm_index_writeback_ms: default_warm_index_writeback_ms(),
@@ -317,12 +334,18 @@ fn default_mailbox_timeout_ms() -> u64 {
 fn default_warm_index_interval_ms() -> u64 {
     20
 }
+fn default_fence_timeout_ms() -> u64 {
+    30_000
+}
+
 fn default_warm_index_writeback_ms() -> u64 {
     1000
 }
 /// A pass less often than this would leave the index too far behind to
 /// matter; more likely a unit mistake (seconds for milliseconds).
 const WARM_INDEX_INTERVAL_MAX_MS: u64 = 60_000;
+/// A fence command that takes longer than ten minutes is broken, not slow.
+const FENCE_TIMEOUT_MAX_MS: u64 = 600_000;
 fn default_auto_takeover() -> bool {
     true
 }
@@ -457,6 +480,23 @@ impl Config {
             .map_err(|error| invalid(key_field, error.to_string()))?;
         if self.consistency_point.interval_ms == 0 {
             return Err(invalid("consistency_point.interval_ms", "must be positive"));
+        }
+        if !(1..=FENCE_TIMEOUT_MAX_MS).contains(&self.ha.fence_timeout_ms) {
+            return Err(invalid(
+                "ha.fence_timeout_ms",
+                format!("must be between 1 and {FENCE_TIMEOUT_MAX_MS}"),
+            ));
+        }
+        if self
+            .ha
+            .fence_command
+            .as_deref()
+            .is_some_and(|command| command.trim().is_empty())
+        {
+            return Err(invalid(
+                "ha.fence_command",
+                "is empty: leave it out, or name a command that powers the partner off",
+            ));
         }
         if self.ha.warm_index_writeback_ms > WARM_INDEX_INTERVAL_MAX_MS {
             return Err(invalid(

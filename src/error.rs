@@ -103,6 +103,16 @@ pub enum Error {
     )]
     SharedStorageChanged { path: PathBuf, was: u64, now: u64 },
 
+    #[error(
+        "the aggregate directory {} is on {fstype}, which cannot carry the fence as mounted: {why}",
+        path.display()
+    )]
+    UnsafeSharedStorage {
+        path: PathBuf,
+        fstype: String,
+        why: String,
+    },
+
     #[error("the mirror holds node {found}'s log, not node {expected}'s")]
     WrongMirror { found: u32, expected: u32 },
 
@@ -204,4 +214,12 @@ pub enum Refusal {
          the giveback again"
     )]
     LogNotFlushed { partner: u32, bytes: u64 },
+
+    /// STONITH (`ha.fence_command`) did not confirm the partner is off.
+    #[error(
+        "the fence command could not confirm node {partner} is off: {why}; its volumes stay \
+         with it. Fix ha.fence_command, or power node {partner} off yourself and run \
+         `nvmirror takeover --force`"
+    )]
+    FenceCommandFailed { partner: u32, why: String },
 }

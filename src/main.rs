@@ -91,7 +91,9 @@ enum Command {
     Takeover {
         #[command(flatten)]
         target: AdminTarget,
-        /// Even from an out-of-sync mirror: writes the mirror lacks are lost.
+        /// Even from an out-of-sync mirror (writes the mirror lacks are
+        /// lost), and past a failed `ha.fence_command` (you vouch that the
+        /// partner is off).
         #[arg(long)]
         force: bool,
     },
@@ -310,8 +312,9 @@ fn run(cli: Cli) -> Result<(), Box<dyn std::error::Error>> {
         Command::Takeover { target, force } => {
             if force {
                 eprintln!(
-                    "warning: a forced takeover uses the partner's mirror even if it is out of sync; \
-                     writes the partner acknowledged after the mirror fell behind are lost"
+                    "warning: a forced takeover uses the partner's mirror even if it is out of sync \
+                     (writes the partner acknowledged after the mirror fell behind are lost), and \
+                     goes on if the fence command cannot power the partner off (make sure it is off)"
                 );
             }
             admin_action(

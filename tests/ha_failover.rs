@@ -649,3 +649,101 @@ fn a_handover_survives_a_restart_of_the_node_that_asked() {
     });
     verify(nbd1, &acked);
 }
+
+/// `ha.fence_command` for both nodes: SIGKILL the partner, whose PID the
+/// test writes to `node<N>.pid` (a power switch in a real pair).
+fn kill_the_partner_command(dir: &Path) -> String {
+    format!(
+        "fence_command = \"kill -9 $(cat {}/node$NVMIRROR_PARTNER.pid)\"\n",
+        dir.display()
+    )
+}
+
+#[test]
+fn a_stalled_owner_is_powered_off_before_its_volumes_are_taken_over() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut pair = pair(dir.path(), "", &kill_the_partner_command(dir.path()));
+    let pid = pair.node(1).pid().expect("node 1 runs");
+    std::fs::write(dir.path().join("node1.pid"), pid.to_string()).expect("pid file");
+    let nbd1 = pair.node(1).nbd;
+    let mut written = ledger("vol0", 0, 256);
+    write_some(nbd1, &mut written, 1, 100);
+
+    // Stalled, as a node between its fence check and its write would be:
+    // without the fence command it would wake up later and go on.
+    pair.node(1).signal(Signal::SIGSTOP).expect("SIGSTOP");
+    wait_for("node 2 to take over", Duration::from_secs(20), || {
+        holding(&mut pair, 2)
+    });
+    let status = pair.node(1).wait_exit(Duration::from_secs(5));
+    use std::os::unix::process::ExitStatusExt;
+    assert_eq!(
+        status.and_then(|status| status.signal()),
+        Some(libc::SIGKILL),
+        "node 1 was powered off (SIGKILL) by the fence command before the takeover"
+    );
+    let nbd2 = pair.node(2).nbd;
+    verify(nbd2, &written);
+    write_some(nbd2, &mut written, 2, 50);
+    verify(nbd2, &written);
+    let log = std::fs::read_to_string(&pair.node(2).log_path).expect("node 2 log");
+    assert!(
+        log.contains("the fence command says the partner is off"),
+        "node 2 logs the power fence:\n{log}"
+    );
+}
+
+#[test]
+fn a_failing_fence_command_refuses_the_takeover_until_an_operator_forces_it() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut pair = pair(
+        dir.path(),
+        "",
+        "fence_command = \"echo no power switch >&2; exit 3\"\n",
+    );
+    let nbd1 = pair.node(1).nbd;
+    let mut written = ledger("vol0", 0, 256);
+    write_some(nbd1, &mut written, 1, 100);
+
+    pair.node(1).signal(Signal::SIGSTOP).expect("SIGSTOP");
+    wait_for(
+        "node 2 to refuse the takeover",
+        Duration::from_secs(20),
+        || {
+            pair.node(2).status().is_ok_and(|status| {
+                status
+                    .takeover
+                    .why_not
+                    .is_some_and(|why| why.contains("could not confirm node 1 is off"))
+            })
+        },
+    );
+    // Refused, so node 1 keeps its volumes: it resumes and serves on.
+    std::thread::sleep(Duration::from_secs(1));
+    assert!(
+        !holding(&mut pair, 2),
+        "a takeover without a confirmed power-off"
+    );
+    pair.node(1).signal(Signal::SIGCONT).expect("SIGCONT");
+    write_some(nbd1, &mut written, 2, 50);
+    verify(nbd1, &written);
+
+    // Stalled again; the operator vouches it is off and forces.
+    pair.node(1).signal(Signal::SIGSTOP).expect("SIGSTOP");
+    wait_for("node 2 to see node 1 down", Duration::from_secs(20), || {
+        pair.node(2).status().is_ok_and(|status| {
+            status
+                .takeover
+                .why_not
+                .is_some_and(|why| why.contains("could not confirm"))
+        })
+    });
+    let (code, body) = pair
+        .node(2)
+        .admin_post("/takeover?force=true")
+        .expect("admin");
+    assert_eq!(code, 200, "{body}");
+    let nbd2 = pair.node(2).nbd;
+    verify(nbd2, &written);
+    pair.node(1).kill9();
+}

@@ -21,8 +21,14 @@
 //!
 //! # Takeover (survivor S takes partner P's volumes)
 //!
+//! 0. STONITH, when `ha.fence_command` is set ([`stonith`]): power P off,
+//!    and go no further unless the command says it is off. Skipped when P
+//!    asked for the takeover itself (it hands over after an unclean stop
+//!    and serves nothing) and when the volumes are ours already.
 //! 1. Fence: raise the epoch of P's volumes in the owner file. From then on
-//!    P neither writes their files nor acknowledges a write to them.
+//!    P neither writes their files nor acknowledges a write to them (at its
+//!    next check: a P stalled between its check and its write is what the
+//!    STONITH step is for).
 //! 2. Read P's mailbox *after* the fence: if it says "out of sync", P may
 //!    have acknowledged writes our mirror lacks; refuse (unless forced).
 //!    Because P marks "out of sync" before its fence check and its
@@ -54,6 +60,7 @@ pub mod index;
 pub mod monitor;
 pub mod replay;
 pub mod status;
+mod stonith;
 pub mod takeover;
 pub mod warm_index;
 
@@ -186,6 +193,8 @@ struct HaState {
     mailbox_failing_since: Option<Instant>,
     /// The node failed and left the pair (see `monitor`).
     withdrawn: bool,
+    /// When `ha.fence_command` last failed, and how (see `stonith`).
+    fence_command_failed: Option<(Instant, String)>,
 }
 
 /// A node of the pair: the storage node, and who serves which volumes.
@@ -225,6 +234,7 @@ impl HaNode {
                 partner_mailbox: None,
                 interconnect_alive_at: now,
                 refusal: None,
+                fence_command_failed: None,
                 last_takeover: None,
                 cut_until: None,
                 partner_waiting_since: None,

@@ -88,6 +88,13 @@ impl HaNode {
         // the volume files have, and newer blocks over them. Replaying it
         // again would put older blocks over newer ones; it stays to discard.
         let log_replayed = theirs.log_replayed;
+        // 0. STONITH, unless the partner asked for this takeover (it serves
+        // nothing while it hands over) or the volumes are ours already.
+        let partner_asked =
+            partner_mailbox.asks_takeover && partner_mailbox.state == Role::HandingOver.as_str();
+        if theirs.owner == partner && !partner_asked {
+            self.power_fence_partner(force, reason)?;
+        }
         // 1. Fence.
         let ours = if theirs.owner == me {
             theirs

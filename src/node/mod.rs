@@ -208,6 +208,7 @@ impl Node {
                 source,
             })?;
         }
+        crate::storage::shared_fs::check(&config.aggregate_dir)?;
         let boot = environment.boot;
         // What the previous start left in the mailbox, before this start
         // replaces it: HA reads how it stopped.
