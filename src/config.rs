@@ -131,6 +131,27 @@ pub enum Durability {
     Persist,
 }
 
+impl Durability {
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            Durability::Mirror => "mirror",
+            Durability::Persist => "persist",
+        }
+    }
+
+    /// What an acknowledged write survives at this level (the README's
+    /// durability table, in one line for the status).
+    pub fn survives(&self) -> &'static str {
+        match self {
+            Durability::Mirror => {
+                "the loss of either node; not of both at once, nor a power loss of a survivor \
+                 serving its partner's volumes"
+            }
+            Durability::Persist => "the loss of either node or of both at once",
+        }
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum TransportKind {

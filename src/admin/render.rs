@@ -11,6 +11,7 @@ use crate::ha::status::Status;
 ///
 /// ```text
 /// node 1: serving            partner 2: serving (interconnect up, mailbox alive)
+/// durability: persist (survives the loss of either node or of both at once)
 /// mirror: in sync
 /// takeover: not possible (partner is alive)
 /// volumes:
@@ -52,6 +53,14 @@ pub fn render_status(status: &Status) -> String {
     }
     if let Some(failure) = &status.failure {
         let _ = writeln!(out, "failed: {}", sanitize(failure));
+    }
+    if !status.durability.level.is_empty() {
+        let _ = writeln!(
+            out,
+            "durability: {} (survives {})",
+            sanitize(&status.durability.level),
+            sanitize(&status.durability.survives)
+        );
     }
 
     let mirror = &status.mirror;
@@ -344,6 +353,7 @@ mod tests {
         let text = render_status(&example_status());
         let expected = "\
 node 1: serving            partner 2: serving (interconnect up, mailbox alive)
+durability: mirror (survives the loss of either node; not of both at once, nor a power loss of a survivor serving its partner's volumes)
 mirror: in sync
 takeover: not possible (partner is alive)
 volumes:

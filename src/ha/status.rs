@@ -23,6 +23,10 @@ pub struct Status {
     /// `nvmirror recover --force`).
     #[serde(default)]
     pub handing_over_because: Option<String>,
+    /// The durability level in force (`durability` in the config) and
+    /// what an acknowledged write survives at it.
+    #[serde(default)]
+    pub durability: DurabilityView,
     pub partner: PartnerStatus,
     pub mirror: MirrorStatus,
     pub takeover: TakeoverStatus,
@@ -33,6 +37,12 @@ pub struct Status {
     #[serde(default)]
     pub warm_index: WarmIndexStatus,
     pub last_takeover: Option<LastTakeover>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct DurabilityView {
+    pub level: String,
+    pub survives: String,
 }
 
 /// The warm index of the partner's mirror: what a takeover would not have
@@ -269,6 +279,10 @@ impl HaNode {
             state: state.role,
             failure: self.node.failure(),
             handing_over_because: state.handing_over_because.clone(),
+            durability: DurabilityView {
+                level: self.node.config.durability.as_str().to_owned(),
+                survives: self.node.config.durability.survives().to_owned(),
+            },
             partner: PartnerStatus {
                 node_id: partner,
                 interconnect,

@@ -1,10 +1,11 @@
 //! Sample documents shared by unit tests, integration tests and fuzz seeds,
 //! so each is written once.
 
+use crate::config::Durability;
 use crate::ha::index::{IndexEntry, TakeoverIndex};
 use crate::ha::status::{
-    HalfView, InterconnectView, LogView, MailboxView, MirrorStatus, PartnerStatus, ReplayStatus,
-    Status, TakeoverStatus, VolumeStatus, WarmIndexStatus,
+    DurabilityView, HalfView, InterconnectView, LogView, MailboxView, MirrorStatus, PartnerStatus,
+    ReplayStatus, Status, TakeoverStatus, VolumeStatus, WarmIndexStatus,
 };
 use crate::ha::Role;
 use crate::mirror::Link;
@@ -95,6 +96,10 @@ pub fn example_status() -> Status {
         state: Role::Serving,
         failure: None,
         handing_over_because: None,
+        durability: DurabilityView {
+            level: Durability::Mirror.as_str().to_owned(),
+            survives: Durability::Mirror.survives().to_owned(),
+        },
         partner: PartnerStatus {
             node_id: 2,
             interconnect: InterconnectView::Up,
