@@ -262,12 +262,28 @@ impl Fence {
         if stamp.is_some() && *seen == stamp {
             return Ok(());
         }
+        // Only an owner file that names another owner or epoch trips the
+        // fence for good; one that is gone or reads as garbage (a storage
+        // fault: a change of hands always writes a whole file) refuses
+        // this write and is looked at again at the next.
         let still_ours = match stamp {
-            None => self.epoch == 0 && self.volumes_of == self.me,
-            Some(_) => std::fs::read(&self.path)
-                .ok()
-                .and_then(|bytes| decode(&bytes).ok())
-                .is_some_and(|o| o.owner == self.me && o.epoch == self.epoch),
+            None if self.epoch == 0 && self.volumes_of == self.me => true,
+            None => {
+                tracing::warn!(path = %self.path.display(), "the owner file is gone: no write until it is back");
+                return Err(self.fenced());
+            }
+            Some(_) => {
+                let read = std::fs::read(&self.path)
+                    .map_err(|error| error.to_string())
+                    .and_then(|bytes| decode(&bytes));
+                match read {
+                    Ok(o) => o.owner == self.me && o.epoch == self.epoch,
+                    Err(reason) => {
+                        tracing::warn!(path = %self.path.display(), %reason, "the owner file cannot be read: no write until it can");
+                        return Err(self.fenced());
+                    }
+                }
+            }
         };
         if still_ours {
             *seen = stamp;
@@ -321,6 +337,33 @@ mod tests {
         let returned = Fence::new(dir.path(), 1, &back);
         returned.check().expect("home again");
         assert!(fence.check().is_err(), "a tripped fence stays tripped");
+    }
+
+    /// An owner file that reads as garbage for a while (a storage fault)
+    /// says nothing about who owns the volumes: the owner writes nothing
+    /// meanwhile, and goes on once the file reads right again.
+    #[test]
+    fn an_owner_file_that_reads_as_garbage_refuses_writes_until_it_reads_right() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let initial = read(dir.path(), 1).expect("read");
+        let ours = change_hands(dir.path(), &initial, 1, false, false, "start").expect("epoch 1");
+        let fence = Fence::new(dir.path(), 1, &ours);
+        fence.check().expect("ours");
+        let path = owner_path(dir.path(), 1);
+        let good = std::fs::read(&path).expect("owner file");
+        std::fs::write(&path, b"\x00garbage of another length").expect("garble");
+        assert!(matches!(fence.check(), Err(Error::Fenced { .. })));
+        assert!(
+            !fence.is_tripped(),
+            "garbage is no proof of a change of hands"
+        );
+        std::fs::remove_file(&path).expect("remove");
+        assert!(
+            fence.check().is_err(),
+            "a missing file past epoch 0 is not ours"
+        );
+        std::fs::write(&path, &good).expect("restore");
+        fence.check().expect("ours again once the file reads right");
     }
 
     #[test]

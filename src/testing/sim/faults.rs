@@ -1,6 +1,7 @@
 //! The faults the scheduler injects: crashes and power losses, stalls,
-//! partitions, torn mirror writes, lost heartbeats, disk errors, and an
-//! operator forcing a takeover.
+//! partitions, torn mirror writes, lost heartbeats, disk errors, small files
+//! that cannot be written or read or read as garbage, and an operator
+//! forcing a takeover.
 
 use super::world::World;
 use super::*;
@@ -199,6 +200,138 @@ impl World {
                 "node {} forced takeover refused: {error}",
                 index + 1
             )),
+        }
+        Ok(())
+    }
+}
+
+/// How a small file misbehaves (see [`World::file_fault`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum FileFaultKind {
+    /// Replacing it fails: a directory holds its temporary name, so the
+    /// write fails as it would with ENOSPC or EIO.
+    WritesFail,
+    /// Reading it fails: a directory stands in its place (the file is
+    /// kept aside), so a read fails as with EIO, and so does a replace.
+    ReadsFail,
+    /// It reads as garbage until it is replaced or the fault ends.
+    ReadsGarbage,
+}
+
+/// A small file's fault in force, and what undoes it.
+#[derive(Debug)]
+pub(super) struct FileFault {
+    path: std::path::PathBuf,
+    kind: FileFaultKind,
+    until_ms: u64,
+    /// ReadsFail: where the file waits; ReadsGarbage: its bytes.
+    kept: Option<(std::path::PathBuf, Vec<u8>)>,
+    garbage: Vec<u8>,
+}
+
+impl World {
+    /// One of the small files the pair keeps misbehaves for a while: a
+    /// node's mailbox or owner file (on the shared storage), or a node's
+    /// persisted takeover index (in its data directory).
+    pub(super) fn file_fault(&mut self) -> Result<(), String> {
+        let node = &self.nodes[self.pick_node()];
+        let aggregate = node.config.aggregate_dir.clone();
+        let partner = node.config.partner_id();
+        let path = match self.rng.below(3) {
+            0 => crate::storage::mailbox::mailbox_path(&aggregate, node.id),
+            1 => crate::storage::ownership::owner_path(&aggregate, node.id),
+            _ => crate::ha::index::index_path(&node.config.data_dir, partner),
+        };
+        if self.file_faults.iter().any(|fault| fault.path == path) {
+            return Ok(());
+        }
+        let kind = match self.rng.below(3) {
+            0 => FileFaultKind::WritesFail,
+            1 => FileFaultKind::ReadsFail,
+            _ => FileFaultKind::ReadsGarbage,
+        };
+        let until_ms = self.now_ms() + 200 + self.rng.below(3000);
+        let mut fault = FileFault {
+            path: path.clone(),
+            kind,
+            until_ms,
+            kept: None,
+            garbage: Vec::new(),
+        };
+        let existing = std::fs::read(&path).ok();
+        match kind {
+            FileFaultKind::WritesFail => {
+                let mut temporary = path.clone().into_os_string();
+                temporary.push(".tmp");
+                // A failed replace may have left its temporary file.
+                let _ = std::fs::remove_file(&temporary);
+                std::fs::create_dir(&temporary).map_err(|e| format!("sim: {e}"))?;
+            }
+            FileFaultKind::ReadsFail => {
+                let Some(bytes) = existing else {
+                    return Ok(()); // Nothing to hide.
+                };
+                let mut aside = path.clone().into_os_string();
+                aside.push(".sim-aside");
+                let aside = std::path::PathBuf::from(aside);
+                std::fs::rename(&path, &aside).map_err(|e| format!("sim: {e}"))?;
+                std::fs::create_dir(&path).map_err(|e| format!("sim: {e}"))?;
+                fault.kept = Some((aside, bytes));
+            }
+            FileFaultKind::ReadsGarbage => {
+                let Some(bytes) = existing else {
+                    return Ok(());
+                };
+                let len = 1 + self.rng.below(bytes.len() as u64 + 64) as usize;
+                fault.garbage = (0..len).map(|_| self.rng.next_u64() as u8).collect();
+                std::fs::write(&path, &fault.garbage).map_err(|e| format!("sim: {e}"))?;
+                fault.kept = Some((path.clone(), bytes));
+            }
+        }
+        self.report.file_faults += 1;
+        self.note(format_args!(
+            "{} {} for {} ms",
+            path.display(),
+            match kind {
+                FileFaultKind::WritesFail => "cannot be written",
+                FileFaultKind::ReadsFail => "cannot be read",
+                FileFaultKind::ReadsGarbage => "reads as garbage",
+            },
+            until_ms - self.now_ms()
+        ));
+        self.file_faults.push(fault);
+        Ok(())
+    }
+
+    /// Undo the file faults whose time is up (all of them with `all`).
+    pub(super) fn end_file_faults(&mut self, all: bool) -> Result<(), String> {
+        let now = self.now_ms();
+        let (ended, kept): (Vec<FileFault>, Vec<FileFault>) = std::mem::take(&mut self.file_faults)
+            .into_iter()
+            .partition(|fault| all || now >= fault.until_ms);
+        self.file_faults = kept;
+        for fault in ended {
+            let sim = |e: std::io::Error| format!("sim: ending a file fault: {e}");
+            match fault.kind {
+                FileFaultKind::WritesFail => {
+                    let mut temporary = fault.path.clone().into_os_string();
+                    temporary.push(".tmp");
+                    std::fs::remove_dir(&temporary).map_err(sim)?;
+                }
+                FileFaultKind::ReadsFail => {
+                    let (aside, _) = fault.kept.expect("a hidden file was kept");
+                    std::fs::remove_dir(&fault.path).map_err(sim)?;
+                    std::fs::rename(&aside, &fault.path).map_err(sim)?;
+                }
+                FileFaultKind::ReadsGarbage => {
+                    // Unless a node has replaced it since.
+                    let (_, bytes) = fault.kept.expect("a garbled file was kept");
+                    if std::fs::read(&fault.path).ok().as_deref() == Some(&fault.garbage[..]) {
+                        std::fs::write(&fault.path, &bytes).map_err(sim)?;
+                    }
+                }
+            }
+            self.note(format_args!("{} works again", fault.path.display()));
         }
         Ok(())
     }

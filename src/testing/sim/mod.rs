@@ -133,6 +133,8 @@ pub struct SimReport {
     /// Sessions cut by a failure detector.
     pub silence_cuts: u64,
     pub disk_faults: u64,
+    /// Mailbox, owner and index files made to fail for a while.
+    pub file_faults: u64,
     pub takeovers: u64,
     pub forced_takeovers: u64,
     /// Takeovers that served from the warm index (not a whole-mirror scan).
@@ -148,7 +150,7 @@ impl fmt::Display for SimReport {
             "seed {} (durability {}): {} steps, {} ms simulated; writes {} issued, {} acknowledged, {} retried \
              (log or slots full); {} reads checked, {} full read-backs; {} consistency points; \
              faults: {} crashes ({} power losses), {} stalls, {} partitions, {} torn mirror writes, \
-             {} heartbeats lost and {} late ({} sessions cut as silent), {} disk errors; \
+             {} heartbeats lost and {} late ({} sessions cut as silent), {} disk errors, {} file faults; \
              {} takeovers ({} forced, {} from a warm index), {} givebacks",
             self.seed,
             self.durability,
@@ -169,6 +171,7 @@ impl fmt::Display for SimReport {
             self.heartbeats_delayed,
             self.silence_cuts,
             self.disk_faults,
+            self.file_faults,
             self.takeovers,
             self.forced_takeovers,
             self.warm_takeovers,

@@ -65,6 +65,8 @@ pub(super) struct World {
     pub(super) in_flight: Vec<InFlight>,
     /// Heartbeats sent before this time are lost.
     pub(super) heartbeats_lost_until_ms: u64,
+    /// Mailbox, owner and index files misbehaving now.
+    pub(super) file_faults: Vec<super::faults::FileFault>,
     pub(super) report: SimReport,
     pub(super) trace: VecDeque<String>,
     pub(super) step: u64,
@@ -133,6 +135,7 @@ impl World {
             checker: Checker::default(),
             in_flight: Vec::new(),
             heartbeats_lost_until_ms: 0,
+            file_faults: Vec::new(),
             report: SimReport {
                 seed: options.seed,
                 trace_digest: 0xcbf2_9ce4_8422_2325,
@@ -196,6 +199,7 @@ impl World {
     /// Restart crashed nodes and wake stalled ones whose time has come;
     /// heartbeats and the failure detectors' verdicts.
     pub(super) fn wake_nodes(&mut self) -> Result<(), String> {
+        self.end_file_faults(false)?;
         let now = self.now_ms();
         for index in 0..2 {
             if self.nodes[index]
@@ -304,9 +308,10 @@ impl World {
             .and_then(|(node, events)| Ok((HaNode::start(node, options)?, events)));
         let (ha, events) = match assembled {
             Ok(assembled) => assembled,
-            // An injected disk error during recovery: the node does not come
-            // up, and the operator tries again later.
-            Err(error @ Error::Io { .. }) => {
+            // An injected disk or file error during recovery (a file that
+            // cannot be read or reads as garbage): the node does not come
+            // up, says why, and the operator tries again later.
+            Err(error @ (Error::Io { .. } | Error::Corrupt { .. })) => {
                 let id = node.id;
                 // The process exits: its mapping keeps what it wrote.
                 node.region = after_crash(&node.region, None);
@@ -368,7 +373,8 @@ impl World {
             987..=988 => self.crash_one(),
             989 => self.stall_one(),
             990 => self.partition(),
-            991..=994 => self.heal(),
+            991..=993 => self.heal(),
+            994 => self.file_fault(),
             995 => self.disk_fault(),
             996 => self.tear(),
             997 => self.lose_heartbeats(),
@@ -387,6 +393,7 @@ impl World {
     /// settles, and every block is read back.
     pub(super) fn settle_down(&mut self) -> Result<(), String> {
         self.net.heal();
+        self.end_file_faults(true)?;
         for index in 0..2 {
             let node = &mut self.nodes[index];
             node.stalled_until_ms = None;
