@@ -22,7 +22,10 @@
 //! cannot be mirrored: it takes the link down at once, under the same lock,
 //! so no later write is acknowledged on a mirror with a hole in it.
 
+mod resync;
 pub mod transport;
+
+pub use resync::ResyncProgress;
 
 use std::net::SocketAddr;
 use std::ops::Range;
@@ -70,17 +73,6 @@ impl Link {
     }
 }
 
-/// The resync's writes are at most this long, whatever the transport
-/// takes: a heartbeat waits behind at least one write in flight, and on a
-/// slow link a transport-sized one (1 MiB: a second at 8 Mbit/s) holds it
-/// past the partner's patience and near RDMA's retransmission timeout.
-/// 128 KiB is still a large write on a fast link.
-const RESYNC_WRITE_BYTES_MAX: u64 = 128 << 10;
-
-/// A resync (or a wait for everything posted) that places nothing for this
-/// long is abandoned and retried. Progress, not total time: a large log on
-/// a slow link takes as long as it takes.
-const RESYNC_STALL_TIMEOUT: Duration = Duration::from_secs(60);
 /// Header posts from a consistency point wait at most this long for a slot.
 const HEADER_POST_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -140,35 +132,10 @@ pub struct Mirror {
     /// until then.
     paused_until: Mutex<Option<std::time::Instant>>,
     /// The resync under way (or the last one), for the status.
-    resync: Mutex<Option<ResyncCopy>>,
+    resync: Mutex<Option<resync::ResyncCopy>>,
+    /// A stepped node's resync between its steps ([`Mirror::resync_step`]).
+    stepped_resync: Mutex<Option<resync::ResyncUnderWay>>,
     clock: SharedClock,
-}
-
-/// What a resync copies and how far it has got: the writes it posted, each
-/// with the bytes copied through it.
-#[derive(Debug, Clone)]
-struct ResyncCopy {
-    started: std::time::Instant,
-    total_bytes: u64,
-    /// (write id, bytes posted through it), in post order.
-    posted: Vec<(WriteId, u64)>,
-    session: u64,
-    finished: Option<std::time::Instant>,
-}
-
-/// How far the current (or last) resync has got.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct ResyncProgress {
-    /// Bytes of the log's live ranges the resync copies.
-    pub total_bytes: u64,
-    /// Of which the partner has placed.
-    pub placed_bytes: u64,
-    /// Since the resync started.
-    pub elapsed: Duration,
-    /// The resync declared the mirror in sync (or was abandoned).
-    pub finished: bool,
-    /// At the rate so far; `None` before anything is placed.
-    pub remaining: Option<Duration>,
 }
 
 impl Mirror {
@@ -201,6 +168,7 @@ impl Mirror {
             enabled: AtomicBool::new(false),
             paused_until: Mutex::new(None),
             resync: Mutex::new(None),
+            stepped_resync: Mutex::new(None),
             clock,
         }
     }
@@ -416,45 +384,8 @@ impl Mirror {
     /// before.
     pub fn wait_all_placed(&self) {
         if let Some(queue) = self.queue() {
-            let _ = wait_placed_with_progress(&queue, queue.posted());
+            let _ = resync::wait_placed_with_progress(&queue, queue.posted());
         }
-    }
-
-    /// How far the current (or last) resync has got.
-    pub fn resync_progress(&self) -> Option<ResyncProgress> {
-        let copy = self.resync.lock().clone()?;
-        // Writes lost with a failed session count as resolved, not placed.
-        let placed_id = self
-            .queue()
-            .filter(|queue| queue.session() == copy.session && queue.failure().is_none())
-            .map(|queue| queue.placed());
-        let placed_bytes = match (copy.finished, placed_id) {
-            (Some(_), _) if self.link() == Link::InSync => copy.total_bytes,
-            (Some(_), _) => 0,
-            (None, Some(placed)) => copy
-                .posted
-                .iter()
-                .take_while(|(id, _)| *id <= placed)
-                .last()
-                .map_or(0, |&(_, bytes)| bytes),
-            (None, None) => 0,
-        };
-        let now = self.clock.now();
-        let elapsed = copy
-            .finished
-            .unwrap_or(now)
-            .saturating_duration_since(copy.started);
-        let remaining = (placed_bytes > 0).then(|| {
-            let left = copy.total_bytes - placed_bytes;
-            Duration::from_secs_f64(elapsed.as_secs_f64() * left as f64 / placed_bytes as f64)
-        });
-        Some(ResyncProgress {
-            total_bytes: copy.total_bytes,
-            placed_bytes,
-            elapsed,
-            finished: copy.finished.is_some(),
-            remaining,
-        })
     }
 
     /// The link failed (an event, or an error seen by a writer).
@@ -476,196 +407,6 @@ impl Mirror {
     /// Slots in use, for metrics.
     pub fn slots_in_use(&self) -> usize {
         self.queue().map(|queue| queue.in_flight()).unwrap_or(0)
-    }
-
-    /// The connector: while the node runs, keep a session to the partner
-    /// and bring its mirror in sync after every (re)connect.
-    pub fn run_connector(&self, log: &nvlog::Log, stopping: &AtomicBool) {
-        let mut backoff = Duration::from_millis(100);
-        while !stopping.load(Ordering::Acquire) {
-            match self.connect_once(log) {
-                Some(true) => backoff = Duration::from_millis(100),
-                Some(false) => backoff = (backoff * 2).min(Duration::from_secs(1)),
-                None => {}
-            }
-            let (flag, condvar) = &self.wake;
-            let mut woken = flag.lock();
-            if !*woken {
-                let wait = if self.link() == Link::Down {
-                    backoff
-                } else {
-                    Duration::from_millis(500)
-                };
-                condvar.wait_for(&mut woken, wait);
-            }
-            *woken = false;
-        }
-        // Close the session: the queue and its transport go.
-        self.queue.lock().take();
-    }
-
-    /// One round of the connector: if the link is down and may come up,
-    /// connect and resync. `None` if it did not try, else whether the
-    /// mirror is in sync now.
-    pub fn connect_once(&self, log: &nvlog::Log) -> Option<bool> {
-        if self.link() != Link::Down || !self.may_connect() {
-            return None;
-        }
-        match self.connect_and_resync(log) {
-            Ok(()) => Some(true),
-            Err(error) => {
-                tracing::debug!(partner = %self.partner.addr, %error, "cannot mirror to the partner yet");
-                self.link_down("connect or resync failed");
-                Some(false)
-            }
-        }
-    }
-
-    fn connect_and_resync(&self, log: &nvlog::Log) -> Result<()> {
-        let span = tracing::info_span!("resync", partner = %self.partner.addr);
-        let _entered = span.enter();
-        let sender = self.dialer.connect(
-            self.partner.addr,
-            self.local_log.clone(),
-            self.events.clone(),
-        )?;
-        // The partner writes its mailbox before it listens, so once the
-        // session is up the mailbox names the start that accepted it (or a
-        // later one, whose restart killed the session: nothing is declared
-        // then). Read before the copy: a restart after it is a boot the
-        // declaration does not name, and a takeover refuses that mirror.
-        // (Read before dialing, a partner starting meanwhile was recorded
-        // with its previous boot, or none.)
-        let partner_boot = self.partner.boot();
-        let queue = {
-            let mut current = self.queue.lock();
-            match current.as_ref() {
-                Some(queue) => {
-                    queue.reconnect(sender)?;
-                    queue.clone()
-                }
-                None => {
-                    let queue = Arc::new(SendQueue::new(sender, self.slots)?);
-                    *current = Some(queue.clone());
-                    queue
-                }
-            }
-        };
-        // The ranges and the switch to Resyncing in one step under the
-        // order lock: what was appended before is inside the ranges, what
-        // is appended after is posted to this session by its own write.
-        let first_since_recovery = !self.resynced_since_recovery.load(Ordering::Acquire);
-        let (ranges, start) = log.live_ranges_with(first_since_recovery, || {
-            self.link.store(Link::Resyncing as u8, Ordering::Release);
-            self.resync_starts.fetch_add(1, Ordering::AcqRel) + 1
-        });
-        let total_bytes: u64 = ranges.iter().map(|range| range.end - range.start).sum();
-        assert!(
-            ranges.iter().all(|range| range.end <= self.log_len_bytes),
-            "live ranges lie inside the log"
-        );
-        tracing::info!(
-            total_bytes,
-            log_bytes = self.log_len_bytes,
-            session = queue.session(),
-            "resync: copying the log's live ranges"
-        );
-        *self.resync.lock() = Some(ResyncCopy {
-            started: self.clock.now(),
-            total_bytes,
-            posted: Vec::new(),
-            session: queue.session(),
-            finished: None,
-        });
-        let declared = self.copy_and_declare(log, &queue, ranges, start, partner_boot);
-        if let Some(copy) = self.resync.lock().as_mut() {
-            copy.finished = Some(self.clock.now());
-        }
-        if !declared? {
-            return Err(crate::error::Error::ResyncInterrupted);
-        }
-        self.resynced_since_recovery.store(true, Ordering::Release);
-        tracing::info!(
-            copied_bytes = total_bytes,
-            log_bytes = self.log_len_bytes,
-            session = queue.session(),
-            "mirror in sync"
-        );
-        Ok(())
-    }
-
-    /// Copies `ranges` over `queue`'s session; once all of it (and every
-    /// write posted before) is placed, declares the mirror in sync if the
-    /// link is still Resyncing. Whether it declared.
-    fn copy_and_declare(
-        &self,
-        log: &nvlog::Log,
-        queue: &SendQueue,
-        ranges: Vec<Range<u64>>,
-        start: u64,
-        partner_boot: Option<u64>,
-    ) -> Result<bool> {
-        let session = queue.session();
-        let chunk = u64::from(queue.limits().max_write_len_bytes).min(RESYNC_WRITE_BYTES_MAX);
-        let mut copied = 0;
-        for range in ranges {
-            let mut offset = range.start;
-            while offset < range.end {
-                let len = chunk.min(range.end - offset);
-                // A slot frees as soon as the partner places an earlier
-                // chunk: waiting longer than the stall timeout means no
-                // progress at all.
-                let mut reservation = queue.reserve_timeout(1, RESYNC_STALL_TIMEOUT)?;
-                let id = reservation.post(write_of(offset..offset + len));
-                offset += len;
-                copied += len;
-                if let Some(copy) = self.resync.lock().as_mut() {
-                    copy.posted.push((id, copied));
-                }
-            }
-        }
-        wait_placed_with_progress(queue, queue.posted())?;
-        log.with_order_lock(|| -> Result<bool> {
-            // The link turns Down only when the failure's event is handled:
-            // the queue itself says whether this session still stands. A
-            // write posted to it after the wait above, whose post then failed,
-            // may have marked the mirror out of sync and been acknowledged
-            // after local persistence; declaring over its mark would lose it.
-            let session_stands = queue.failure().is_none() && queue.session() == session;
-            if self.link() != Link::Resyncing || !session_stands {
-                return Ok(false);
-            }
-            let _mark = self.mark_lock.lock();
-            self.mailbox.update(|state| {
-                state.mirror_in_sync = true;
-                state.in_sync_with_boot = partner_boot;
-                state.out_of_sync_reason = None;
-            })?;
-            self.marked_out_of_sync.store(false, Ordering::Release);
-            self.covered_below.store(start, Ordering::Release);
-            self.link.store(Link::InSync as u8, Ordering::Release);
-            Ok(true)
-        })
-    }
-}
-
-/// Waits until `id` is placed, as long as the partner keeps placing: fails
-/// only when nothing is placed for [`RESYNC_STALL_TIMEOUT`] (or the
-/// session fails).
-fn wait_placed_with_progress(queue: &SendQueue, id: WriteId) -> Result<()> {
-    let mut placed = queue.placed();
-    loop {
-        match queue.wait_placed_timeout(id, RESYNC_STALL_TIMEOUT) {
-            Ok(()) => return Ok(()),
-            Err(error @ interconnect::Error::Queue(QueueError::PlacedTimedOut { .. })) => {
-                let now_placed = queue.placed();
-                if now_placed == placed {
-                    return Err(error.into());
-                }
-                placed = now_placed;
-            }
-            Err(error) => return Err(error.into()),
-        }
     }
 }
 

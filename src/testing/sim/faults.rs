@@ -73,6 +73,7 @@ impl World {
         self.net.cut_into(partner);
         self.net.set_deaf(own, false);
         node.stalled_until_ms = None;
+        node.resync_began_at_step = None;
         let down_ms = 500 + self.rng.below(4500);
         node.down_until_ms = Some(now + down_ms);
         node.down_since_ms = now;

@@ -135,6 +135,9 @@ pub struct SimReport {
     pub disk_faults: u64,
     /// Mailbox, owner and index files made to fail for a while.
     pub file_faults: u64,
+    /// Resyncs that took more than one step (writes, placements and
+    /// faults in between).
+    pub multi_step_resyncs: u64,
     pub takeovers: u64,
     pub forced_takeovers: u64,
     /// Takeovers that served from the warm index (not a whole-mirror scan).
@@ -151,7 +154,7 @@ impl fmt::Display for SimReport {
              (log or slots full); {} reads checked, {} full read-backs; {} consistency points; \
              faults: {} crashes ({} power losses), {} stalls, {} partitions, {} torn mirror writes, \
              {} heartbeats lost and {} late ({} sessions cut as silent), {} disk errors, {} file faults; \
-             {} takeovers ({} forced, {} from a warm index), {} givebacks",
+             {} takeovers ({} forced, {} from a warm index), {} givebacks; {} resyncs over several steps",
             self.seed,
             self.durability,
             self.steps,
@@ -175,7 +178,8 @@ impl fmt::Display for SimReport {
             self.takeovers,
             self.forced_takeovers,
             self.warm_takeovers,
-            self.givebacks
+            self.givebacks,
+            self.multi_step_resyncs
         )
     }
 }

@@ -103,6 +103,8 @@ struct NetState {
     next_session: u64,
     watches: BTreeMap<SocketAddr, Watch>,
     heartbeats: Vec<Heartbeat>,
+    /// Inside [`SimNet::placing_during`]: new links place at once too.
+    placing: bool,
 }
 
 impl SimNet {
@@ -116,8 +118,9 @@ impl SimNet {
     }
 
     /// A session from a sender's `local_log` into the receiver at
-    /// `partner`. Its writes are placed at once until [`SimNet::hold_writes`]
-    /// (so a resync completes inside the connector's step).
+    /// `partner`. Its writes are held until a delivery step places them, so
+    /// a resync takes several steps (inside [`SimNet::placing_during`] they
+    /// are placed as made, like every link's).
     pub fn connect(
         &self,
         partner: SocketAddr,
@@ -136,7 +139,11 @@ impl SimNet {
             local_log,
             mirror,
             InProcConfig {
-                delivery: Delivery::Immediate,
+                delivery: if state.placing {
+                    Delivery::Immediate
+                } else {
+                    Delivery::Manual
+                },
                 session: state.next_session,
                 events: Some(events),
                 ..InProcConfig::default()
@@ -272,7 +279,9 @@ impl SimNet {
 
     /// From now on, writes on every live link wait for `deliver_next`.
     pub fn hold_writes(&self) {
-        for link in self.state.lock().links.values() {
+        let mut state = self.state.lock();
+        state.placing = false;
+        for link in state.links.values() {
             link.set_delivery(Delivery::Manual);
         }
     }
@@ -282,7 +291,11 @@ impl SimNet {
     /// posts are placed as they are made, as the NIC would while the step's
     /// thread waits. Writes are held again afterwards.
     pub fn placing_during<R>(&self, step: impl FnOnce() -> R) -> R {
-        let links: Vec<InProcLink> = self.state.lock().links.values().cloned().collect();
+        let links: Vec<InProcLink> = {
+            let mut state = self.state.lock();
+            state.placing = true;
+            state.links.values().cloned().collect()
+        };
         for link in &links {
             link.deliver_all();
             link.set_delivery(Delivery::Immediate);

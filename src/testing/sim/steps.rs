@@ -234,15 +234,31 @@ impl World {
         let Some(ha) = self.live(index) else {
             return Ok(());
         };
-        if let Some(in_sync) = self
-            .net
-            .placing_during(|| ha.node.mirror.connect_once(&ha.node.log))
-        {
-            self.note(format_args!(
-                "node {} connects to its partner: {}",
-                index + 1,
-                if in_sync { "mirror in sync" } else { "failed" }
-            ));
+        // The resync goes on over later steps: its copies are placed by
+        // delivery steps, among writes, tears and partitions.
+        let outcome = ha.node.mirror.resync_step(&ha.node.log);
+        let began_at = &mut self.nodes[index].resync_began_at_step;
+        match outcome {
+            None if ha.node.mirror.link() == crate::mirror::Link::Resyncing
+                && began_at.is_none() =>
+            {
+                *began_at = Some(self.step);
+                self.note(format_args!(
+                    "node {} resyncs its partner's mirror",
+                    index + 1
+                ));
+            }
+            None => {}
+            Some(in_sync) => {
+                if began_at.take().is_some_and(|step| step < self.step) {
+                    self.report.multi_step_resyncs += 1;
+                }
+                self.note(format_args!(
+                    "node {} connects to its partner: {}",
+                    index + 1,
+                    if in_sync { "mirror in sync" } else { "failed" }
+                ));
+            }
         }
         Ok(())
     }

@@ -37,6 +37,8 @@ pub(super) struct SimNode {
     pub(super) incarnation: u64,
     /// Power losses so far: the host's boot identity changes with each.
     pub(super) power_ups: u64,
+    /// The step its resync under way began at (see `resync_step`).
+    pub(super) resync_began_at_step: Option<u64>,
 }
 
 /// A write in the log, not yet acknowledged.
@@ -120,6 +122,7 @@ impl World {
                 heartbeat_at_ms: 0,
                 incarnation: 0,
                 power_ups: 0,
+                resync_began_at_step: None,
             }
         });
         let mut world = World {
@@ -410,7 +413,7 @@ impl World {
                     continue;
                 };
                 self.net.placing_during(|| {
-                    ha.node.mirror.connect_once(&ha.node.log);
+                    ha.node.mirror.resync_step(&ha.node.log);
                     let _ = ha.replay_step(64 * BLOCK_BYTES as u64);
                     let _ = ha.monitor_tick();
                     ha.node.consistency_point_tick(true);
