@@ -961,6 +961,16 @@ fn recover_state(
     let next_lsn = stop.expected_lsn;
 
     let mut recovered = *header;
+    // A half switch raises max_generation in memory only: the header that
+    // records it is written before the new half's first record, and
+    // persisted with it or later. A crash (the page cache writing back
+    // pages in any order) can keep records of the new generation while the
+    // header that names it is lost; reused, that generation would let those
+    // stale records pass for new ones with the same LSNs. Any two switches
+    // are separated by a persisted header (freeing a half, discarding the
+    // log, this recovery), so at most one generation past the header's was
+    // handed out: skip it.
+    recovered.max_generation = header.max_generation + 1;
     let live = header.live_halves();
     for &half in &live {
         if half == end_half {

@@ -138,6 +138,12 @@ fn run_ops(ops: &[Op]) -> Result<(), TestCaseError> {
     Ok(())
 }
 
+/// Run first, every time: each found a bug (see CHANGELOG.md).
+const SEEDS_THAT_ONCE_FAILED: &[u64] = &[
+    // A half switch's generation reused after a crash lost its header.
+    6858979975270916198,
+];
+
 #[test]
 fn recovery_yields_a_prefix_holding_every_persisted_record() {
     let cases: u32 = std::env::var("NVLOG_PROP_CASES")
@@ -148,7 +154,11 @@ fn recovery_yields_a_prefix_holding_every_persisted_record() {
         Ok(seed) => vec![seed.parse().expect("NVLOG_PROP_SEED is a number")],
         Err(_) => {
             let base: u64 = rand::random();
-            (0..cases as u64).map(|i| base.wrapping_add(i)).collect()
+            SEEDS_THAT_ONCE_FAILED
+                .iter()
+                .copied()
+                .chain((0..cases as u64).map(|i| base.wrapping_add(i)))
+                .collect()
         }
     };
     let strategy = proptest::collection::vec(op(), 1..300);
