@@ -3,7 +3,7 @@
 //! that cannot be written or read or read as garbage, and an operator
 //! forcing a takeover.
 
-use super::world::World;
+use super::world::{FileFault, FileFaultKind, World};
 use super::*;
 use crate::config::Durability;
 use crate::storage::volume::volume_id;
@@ -204,30 +204,6 @@ impl World {
         }
         Ok(())
     }
-}
-
-/// How a small file misbehaves (see [`World::file_fault`]).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(super) enum FileFaultKind {
-    /// Replacing it fails: a directory holds its temporary name, so the
-    /// write fails as it would with ENOSPC or EIO.
-    WritesFail,
-    /// Reading it fails: a directory stands in its place (the file is
-    /// kept aside), so a read fails as with EIO, and so does a replace.
-    ReadsFail,
-    /// It reads as garbage until it is replaced or the fault ends.
-    ReadsGarbage,
-}
-
-/// A small file's fault in force, and what undoes it.
-#[derive(Debug)]
-pub(super) struct FileFault {
-    path: std::path::PathBuf,
-    kind: FileFaultKind,
-    until_ms: u64,
-    /// ReadsFail: where the file waits; ReadsGarbage: its bytes.
-    kept: Option<(std::path::PathBuf, Vec<u8>)>,
-    garbage: Vec<u8>,
 }
 
 impl World {

@@ -41,6 +41,30 @@ pub(super) struct SimNode {
     pub(super) resync_began_at_step: Option<u64>,
 }
 
+/// How a small file misbehaves (see `World::file_fault`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum FileFaultKind {
+    /// Replacing it fails: a directory holds its temporary name, so the
+    /// write fails as it would with ENOSPC or EIO.
+    WritesFail,
+    /// Reading it fails: a directory stands in its place (the file is
+    /// kept aside), so a read fails as with EIO, and so does a replace.
+    ReadsFail,
+    /// It reads as garbage until it is replaced or the fault ends.
+    ReadsGarbage,
+}
+
+/// A small file's fault in force, and what undoes it.
+#[derive(Debug)]
+pub(super) struct FileFault {
+    pub(super) path: std::path::PathBuf,
+    pub(super) kind: FileFaultKind,
+    pub(super) until_ms: u64,
+    /// ReadsFail: where the file waits; ReadsGarbage: its bytes.
+    pub(super) kept: Option<(std::path::PathBuf, Vec<u8>)>,
+    pub(super) garbage: Vec<u8>,
+}
+
 /// A write in the log, not yet acknowledged.
 pub(super) struct InFlight {
     pub(super) node: u32,
@@ -68,7 +92,7 @@ pub(super) struct World {
     /// Heartbeats sent before this time are lost.
     pub(super) heartbeats_lost_until_ms: u64,
     /// Mailbox, owner and index files misbehaving now.
-    pub(super) file_faults: Vec<super::faults::FileFault>,
+    pub(super) file_faults: Vec<FileFault>,
     pub(super) report: SimReport,
     pub(super) trace: VecDeque<String>,
     pub(super) step: u64,
