@@ -126,12 +126,8 @@ impl World {
         } else {
             Durability::Mirror
         };
-        let durability_name = match durability {
-            Durability::Persist => "persist",
-            Durability::Mirror => "mirror",
-        };
         let nodes = [1u32, 2].map(|id| {
-            let config = sim_config(dir.path(), id, durability_name)
+            let config = sim_config(dir.path(), id, durability.as_str())
                 .expect("the simulation's config is valid");
             SimNode {
                 id,
@@ -182,10 +178,7 @@ impl World {
     pub(super) fn report(&self) -> SimReport {
         let mut report = self.report.clone();
         report.steps = self.step;
-        report.durability = match self.durability {
-            Durability::Persist => "persist",
-            Durability::Mirror => "mirror",
-        };
+        report.durability = self.durability.as_str();
         report.simulated_ms = self.now_ms();
         report.writes_acked = self.checker.acked_writes;
         report.reads_checked = self.checker.reads_checked;
