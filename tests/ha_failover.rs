@@ -109,6 +109,13 @@ fn holding(pair: &mut PairHarness, node: u32) -> bool {
         .is_ok_and(|s| s.takeover.holding_partner_volumes)
 }
 
+/// Whether `node`'s status says a takeover is not possible, naming `why`.
+fn takeover_refused_because(pair: &mut PairHarness, node: u32, why: &str) -> bool {
+    pair.node(node)
+        .status()
+        .is_ok_and(|s| s.takeover.why_not.is_some_and(|text| text.contains(why)))
+}
+
 fn state(pair: &mut PairHarness, node: u32) -> Option<Role> {
     pair.node(node).status().ok().map(|s| s.state)
 }
@@ -686,7 +693,7 @@ fn a_stalled_owner_is_powered_off_before_its_volumes_are_taken_over() {
     verify(nbd2, &written);
     write_some(nbd2, &mut written, 2, 50);
     verify(nbd2, &written);
-    let log = std::fs::read_to_string(&pair.node(2).log_path).expect("node 2 log");
+    let log = pair.node(2).log();
     assert!(
         log.contains("the fence command says the partner is off"),
         "node 2 logs the power fence:\n{log}"
@@ -709,14 +716,7 @@ fn a_failing_fence_command_refuses_the_takeover_until_an_operator_forces_it() {
     wait_for(
         "node 2 to refuse the takeover",
         Duration::from_secs(20),
-        || {
-            pair.node(2).status().is_ok_and(|status| {
-                status
-                    .takeover
-                    .why_not
-                    .is_some_and(|why| why.contains("could not confirm node 1 is off"))
-            })
-        },
+        || takeover_refused_because(&mut pair, 2, "could not confirm node 1 is off"),
     );
     // Refused, so node 1 keeps its volumes: it resumes and serves on.
     std::thread::sleep(Duration::from_secs(1));
@@ -731,12 +731,7 @@ fn a_failing_fence_command_refuses_the_takeover_until_an_operator_forces_it() {
     // Stalled again; the operator vouches it is off and forces.
     pair.node(1).signal(Signal::SIGSTOP).expect("SIGSTOP");
     wait_for("node 2 to see node 1 down", Duration::from_secs(20), || {
-        pair.node(2).status().is_ok_and(|status| {
-            status
-                .takeover
-                .why_not
-                .is_some_and(|why| why.contains("could not confirm"))
-        })
+        takeover_refused_because(&mut pair, 2, "could not confirm")
     });
     let (code, body) = pair
         .node(2)
