@@ -541,6 +541,84 @@ fn control_messages_flow_both_ways() {
     assert!(pair.sender.failure().is_none());
 }
 
+/// A token bucket on a network device for as long as it lives.
+struct Throttle {
+    netdev: String,
+}
+
+impl Throttle {
+    fn on(netdev: &str, rate: &str) -> Throttle {
+        let status = std::process::Command::new("tc")
+            .args([
+                "qdisc", "replace", "dev", netdev, "root", "tbf", "rate", rate,
+            ])
+            .args(["burst", "32kb", "limit", "4mb"])
+            .status()
+            .expect("cannot run tc (apt-get install iproute2)");
+        assert!(status.success(), "tc could not throttle {netdev}");
+        Throttle {
+            netdev: netdev.to_owned(),
+        }
+    }
+}
+
+impl Drop for Throttle {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("tc")
+            .args(["qdisc", "del", "dev", &self.netdev, "root"])
+            .status();
+    }
+}
+
+#[test]
+fn a_control_message_arrives_after_the_writes_posted_before_it() {
+    if !have_rdma("a_control_message_arrives_after_the_writes_posted_before_it") {
+        return;
+    }
+    let _watchdog = common::watchdog(
+        "a_control_message_arrives_after_the_writes_posted_before_it",
+        Duration::from_secs(60),
+    );
+    // A slow link (8 Mbit/s on the sender's side of the veth pair), so
+    // that the writes are still held back when the message is sent.
+    let netdev = std::env::var("NVMIRROR_RDMA_NETDEV_A").unwrap_or_else(|_| "va".into());
+    let _throttle = Throttle::on(&netdev, "8mbit");
+    let pair = pair();
+    let session = pair.sender.session();
+    // Far more than the send window admits before its first rate sample:
+    // most of these wait in the session thread's backlog when the control
+    // message is sent. It must not overtake them.
+    let chunk = vec![0x5au8; 16 * 1024];
+    let writes = rdma_config().send_depth;
+    for index in 0..writes {
+        mirror_write(&pair, (index * chunk.len()) as u64, &chunk);
+    }
+    pair.queue
+        .send_control(&ControlMessage::CpDone {
+            cp_id: 99,
+            half_freed: 0,
+        })
+        .unwrap();
+    expect_event(&pair.receiver_events, "CpDone", |event| match event {
+        ControlEvent::Message {
+            direction: Direction::Inbound,
+            session: s,
+            message: ControlMessage::CpDone { cp_id: 99, .. },
+        } if *s == session => Some(()),
+        _ => None,
+    });
+    let mut landed = vec![0u8; writes * chunk.len()];
+    pair.mirror.read_at(0, &mut landed).unwrap();
+    let missing = landed
+        .chunks(chunk.len())
+        .filter(|c| *c != &chunk[..])
+        .count();
+    assert_eq!(
+        missing, 0,
+        "{missing} of the {writes} writes posted before the control message had not landed when it arrived"
+    );
+}
+
 #[test]
 fn partner_dying_mid_stream_errors_every_waiter() {
     if !have_rdma("partner_dying_mid_stream_errors_every_waiter") {

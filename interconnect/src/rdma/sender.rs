@@ -61,6 +61,9 @@ struct PostState {
     target: Option<PostTarget>,
     /// The highest write id on the QP's send queue.
     highest_posted: u64,
+    /// The highest write id a writer handed over (posted, or queued for
+    /// the session thread): a control message sent now goes after it.
+    highest_handed_over: u64,
     /// Writes handed to the session thread and not yet posted: while there
     /// are any, writers must hand theirs over too (id order).
     queued_writes: usize,
@@ -110,7 +113,8 @@ struct SenderShared {
     post: Mutex<PostState>,
     /// Writes for the session thread to post.
     writes: Sender<WorkRequest>,
-    controls: Sender<ControlMessage>,
+    /// Control messages, each with the last write it must follow.
+    controls: Sender<(ControlMessage, u64)>,
     controls_queued: AtomicUsize,
     down: AtomicBool,
     link: SessionLink,
@@ -160,7 +164,7 @@ pub struct RdmaSender {
 struct SessionLoop {
     conn: Connection,
     writes: Receiver<WorkRequest>,
-    controls: Receiver<ControlMessage>,
+    controls: Receiver<(ControlMessage, u64)>,
 }
 
 impl RdmaSender {
@@ -303,6 +307,7 @@ impl RdmaSender {
             post: Mutex::new(PostState {
                 target: Some(target),
                 highest_posted: 0,
+                highest_handed_over: 0,
                 queued_writes: 0,
                 placed: 0,
                 window: SendWindow::new(config.timers.tick()),
@@ -427,6 +432,7 @@ impl Transport for RdmaSender {
             // The session ended; its failure is being reported.
             return;
         }
+        post.highest_handed_over = request.id.get();
         // An idle QP: nothing in flight, nothing waiting in the backlog.
         if post.queued_writes == 0 && post.placed == post.highest_posted {
             if let Err(error) = post.post(&[write]) {
@@ -461,10 +467,15 @@ impl Transport for RdmaSender {
             self.shared.controls_queued.fetch_sub(1, Ordering::AcqRel);
             return Err(Error::ControlBacklog { queued });
         }
-        self.shared
-            .controls
-            .try_send(*message)
-            .map_err(|_| Error::Closed)?;
+        // Under the post lock, so that no write handed over before this
+        // message is missing from `after`: the session thread holds the
+        // message back until that write is on the QP (a write the window
+        // holds back would otherwise be overtaken).
+        let post = self.shared.post();
+        let after = post.highest_handed_over;
+        let sent = self.shared.controls.try_send((*message, after));
+        drop(post);
+        sent.map_err(|_| Error::Closed)?;
         self.shared.waker.wake();
         Ok(())
     }
@@ -516,6 +527,8 @@ impl SessionLoop {
         let mut writes: Vec<WriteRequest> = Vec::new();
         // Handed over by writers, held back by the window; in id order.
         let mut backlog: VecDeque<WorkRequest> = VecDeque::with_capacity(config.send_depth);
+        // Sent by the node, each held until the writes before it are posted.
+        let mut held_controls: VecDeque<(ControlMessage, u64)> = VecDeque::new();
         let mut polled = Vec::new();
         let mut placed = 0u64;
         let mut detector = FailureDetector::new(config.timers.silence_timeout(), Instant::now());
@@ -575,12 +588,18 @@ impl SessionLoop {
                 post.highest_posted
             };
 
-            // Control messages, as credits allow. Each one's completion
-            // also covers the writes posted before it.
+            // Control messages, as credits allow, each once the writes
+            // handed over before it are posted (so it arrives after them).
+            // Each one's completion also covers the writes posted before it.
+            held_controls.extend(self.controls.try_iter());
             while self.conn.can_send() {
-                let Ok(message) = self.controls.try_recv() else {
+                let Some(&(message, after)) = held_controls.front() else {
                     break;
                 };
+                if after > highest_posted {
+                    break;
+                }
+                held_controls.pop_front();
                 control_bytes.clear();
                 message.encode(&mut control_bytes);
                 self.conn
@@ -644,10 +663,9 @@ impl SessionLoop {
             // CPU does not see writes), and at once when owing credits.
             let idle =
                 now.saturating_duration_since(last_sent) >= config.timers.heartbeat_interval();
-            if (idle || self.conn.owes_credits())
-                && self.controls.is_empty()
-                && self.conn.can_send()
-            {
+            // (A control held back behind the window does not hold the
+            // heartbeats back: they carry no order.)
+            if (idle || self.conn.owes_credits()) && self.conn.can_send() {
                 heartbeat_seq += 1;
                 control_bytes.clear();
                 ControlMessage::Heartbeat { seq: heartbeat_seq }.encode(&mut control_bytes);
