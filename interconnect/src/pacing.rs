@@ -38,6 +38,10 @@ pub const MIN_WINDOW_BYTES: u64 = 64 << 10;
 const SAMPLE_MIN: Duration = Duration::from_millis(5);
 /// Weight of a new sample in the smoothed rate, in 1/8ths.
 const SAMPLE_WEIGHT_EIGHTHS: u64 = 4;
+/// The window at most doubles per sample, so that one sample inflated by
+/// completions that arrived bunched up (a descheduled poller, a burst of
+/// acknowledgements) cannot fill the link's queue for seconds.
+const GROWTH_PER_SAMPLE: u64 = 2;
 
 /// The sender's bound on bytes in flight, and the rate it is sized from.
 #[derive(Debug, Clone)]
@@ -158,14 +162,20 @@ impl SendWindow {
     fn add_sample(&mut self, bytes: u64, elapsed: Duration) {
         let rate = u128::from(bytes) * 1_000_000_000 / elapsed.as_nanos().max(1);
         let rate = u64::try_from(rate).unwrap_or(u64::MAX);
-        self.rate_bytes_per_s = Some(match self.rate_bytes_per_s {
+        let mixed = match self.rate_bytes_per_s {
             None => rate,
             Some(old) => {
                 let mixed = u128::from(old) * u128::from(8 - SAMPLE_WEIGHT_EIGHTHS)
                     + u128::from(rate) * u128::from(SAMPLE_WEIGHT_EIGHTHS);
                 u64::try_from(mixed / 8).unwrap_or(u64::MAX)
             }
-        });
+        };
+        // The rate at which the window would be GROWTH_PER_SAMPLE times
+        // today's.
+        let most = u128::from(self.window_bytes()) * u128::from(GROWTH_PER_SAMPLE) * 1_000_000_000
+            / self.budget.as_nanos().max(1);
+        let most = u64::try_from(most).unwrap_or(u64::MAX);
+        self.rate_bytes_per_s = Some(mixed.min(most));
     }
 }
 
@@ -275,11 +285,38 @@ mod tests {
         window.placed_through(1, t0, true);
         window.placed_through(2, t0 + Duration::from_millis(5), false);
         let rate = window.rate_bytes_per_s().expect("one sample");
-        assert_eq!(rate, 100_000_000);
+        // 100 MB/s measured; the window may only double at first.
+        assert_eq!(window.window_bytes(), 2 * INITIAL_WINDOW_BYTES);
         // A second of nothing, then one small write: no sample spans the idle time.
         window.posted(3, 1000);
         window.placed_through(3, t0 + Duration::from_secs(1), false);
         assert_eq!(window.rate_bytes_per_s(), Some(rate));
+    }
+
+    #[test]
+    fn one_inflated_sample_at_most_doubles_the_window() {
+        // A 1 MB/s link whose completions arrive bunched: 256 KiB
+        // acknowledged within 5 ms reads as 52 MB/s.
+        let budget = Duration::from_millis(100);
+        let mut window = SendWindow::new(budget);
+        let t0 = Instant::now();
+        window.posted(1, 1000);
+        window.posted(2, 256 << 10);
+        window.placed_through(1, t0, true);
+        window.placed_through(2, t0 + Duration::from_millis(5), true);
+        assert_eq!(window.window_bytes(), 2 * INITIAL_WINDOW_BYTES);
+        // Steady samples at the link's real rate bring it back down.
+        let mut now = t0 + Duration::from_millis(5);
+        for id in 3..40 {
+            window.posted(id, 100_000);
+            now += Duration::from_millis(100);
+            window.placed_through(id, now, true);
+        }
+        let bytes = window.window_bytes();
+        assert!(
+            (90_000..=120_000).contains(&bytes),
+            "window {bytes} B for 100 ms at 1 MB/s"
+        );
     }
 
     #[test]
