@@ -581,8 +581,10 @@ fn a_control_message_arrives_after_the_writes_posted_before_it() {
     );
     // A slow link (8 Mbit/s on the sender's side of the veth pair), so
     // that the writes are still held back when the message is sent.
-    let netdev = std::env::var("NVMIRROR_RDMA_NETDEV_A").unwrap_or_else(|_| "va".into());
-    let _throttle = Throttle::on(&netdev, "8mbit");
+    // The sender's device first, as rdma-tier names them.
+    let netdevs = std::env::var("NVMIRROR_RDMA_NETDEVS").unwrap_or_else(|_| "va vb".into());
+    let netdev = netdevs.split_whitespace().next().unwrap_or("va");
+    let _throttle = Throttle::on(netdev, "8mbit");
     let pair = pair();
     let session = pair.sender.session();
     // Far more than the send window admits before its first rate sample:
